@@ -1,0 +1,33 @@
+# Only Python 3.11+ and make are assumed: no Docker, no system Redis.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/failfirst chaos run demo
+
+test: $(STAMP)
+	$(BIN)/ruff check failfirst tests
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check failfirst tests
+
+bench: $(STAMP)
+	$(BIN)/failfirst bench --json > bench.json
+	$(BIN)/failfirst bench --from bench.json
+
+clean:
+	-$(BIN)/failfirst down
+	rm -rf $(VENV) .failfirst .pytest_cache .ruff_cache

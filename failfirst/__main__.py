@@ -1,0 +1,3 @@
+from failfirst.cli import main
+
+main()

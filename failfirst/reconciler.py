@@ -1,0 +1,95 @@
+"""The reconciler: the database is the truth, the queue only wakes workers.
+
+One pass finds orders that are owed work (they have an outbox row) but that no
+live job will deliver: never enqueued (Redis was down at placement), lost
+(Redis restarted empty, FLUSHALL), held by a worker that died (its lease
+expired), or a retry whose scheduled job vanished. It enqueues each again under
+its current job id, so a pass that races another reconciler collapses into one
+job, and a duplicate delivery is refused by the lease anyway.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sqlalchemy import and_, or_, select
+
+from failfirst import models
+from failfirst.queueing import enqueue_order, job_id, job_tag
+from failfirst.states import SETTLED
+
+if TYPE_CHECKING:
+    from redis import Redis
+    from rq import Queue
+    from sqlalchemy import Engine
+
+NEW_ORDER_GRACE = 1.0
+RETRY_GRACE = 1.0
+BATCH = 500
+
+
+@dataclass
+class ReconcileReport:
+    enqueued: list[int] = field(default_factory=list)
+    redriven: list[int] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.enqueued) + len(self.redriven)
+
+
+def reconcile(engine: Engine, redis: Redis, queue: Queue, now: float | None = None) -> ReconcileReport:
+    """One pass; returns which orders it enqueued (never had a job) or re-drove (lost one)."""
+    now = time.time() if now is None else now
+    o, ob = models.orders, models.outbox
+    stmt = (
+        select(
+            o.c.id, o.c.attempts, o.c.replays, o.c.comp_attempts, o.c.lease_owner,
+            o.c.lease_until, o.c.next_attempt_at, ob.c.created_at,
+        )
+        .select_from(ob.join(o, o.c.id == ob.c.order_id))
+        .where(
+            and_(
+                o.c.state.notin_([s.value for s in SETTLED]),
+                or_(o.c.lease_until.is_(None), o.c.lease_until < now),
+                or_(o.c.next_attempt_at.is_(None), o.c.next_attempt_at < now - RETRY_GRACE),
+                ob.c.created_at < now - NEW_ORDER_GRACE,
+            )
+        )
+        .order_by(ob.c.order_id)
+        .limit(BATCH)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    report = ReconcileReport()
+    if not rows:
+        return report
+    tags = [job_tag(r.attempts, r.replays, r.comp_attempts) for r in rows]
+    with redis.pipeline(transaction=False) as pipe:
+        for row, tag in zip(rows, tags, strict=True):
+            pipe.hmget(f"rq:job:{job_id(row.id, tag)}", "status", "started_at")
+        states = pipe.execute()
+    for row, tag, (status, _started) in zip(rows, tags, states, strict=True):
+        if status in (b"queued", b"scheduled", b"deferred"):
+            continue
+        if status == b"started" and row.lease_owner is None and row.lease_until is None:
+            if _started_recently(_started, now):
+                continue
+        enqueue_order(queue, row.id, tag)
+        (report.redriven if row.lease_owner or status else report.enqueued).append(row.id)
+    return report
+
+
+def _started_recently(started_at: bytes | None, now: float, window: float = 5.0) -> bool:
+    if not started_at:
+        return False
+    from datetime import datetime, timezone
+
+    text = started_at.decode().rstrip("Z")
+    try:
+        when = datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        return False
+    return now - when < window

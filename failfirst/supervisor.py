@@ -1,0 +1,226 @@
+"""`failfirst worker`: N RQ worker processes, kept alive, plus scheduler and reconciler.
+
+The supervisor owns three loops besides the workers themselves:
+- a monitor that replaces any worker process that dies, within a tick;
+- RQ's scheduler, run here (not inside a worker) so that killing workers never
+  takes delayed retries down with them, polling every `scheduler_interval`;
+- the reconciler, every `reconcile_interval`, which re-drives orders whose
+  worker died and enqueues orders the queue lost.
+The supervisor touches only the database and Redis, so supervisors on several
+hosts can share one store and one Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select
+
+from failfirst import models
+from failfirst.config import Settings, settings_env
+from failfirst.states import SETTLED
+
+log = logging.getLogger("failfirst.supervisor")
+
+
+@dataclass
+class WorkerEvent:
+    at: float
+    kind: str
+    pid: int
+    detail: str = ""
+
+
+@dataclass
+class Supervisor:
+    settings: Settings
+    count: int = 2
+    burst: bool = False
+    on_event: Callable[[WorkerEvent], None] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.events: list[WorkerEvent] = []
+        self.stopping = threading.Event()
+        self.finished = threading.Event()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.reconciled = 0
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("REDIS_URL", None)
+        env.update(settings_env(self.settings))
+        env.update(self.extra_env)
+        return env
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "failfirst.workerproc"],
+            env=self._env(),
+            stdin=subprocess.DEVNULL,
+        )
+        self._emit("started", proc.pid)
+        return proc
+
+    def _emit(self, kind: str, pid: int, detail: str = "") -> None:
+        event = WorkerEvent(time.time(), kind, pid, detail)
+        with self._lock:
+            self.events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [p.pid for p in self.procs if p.poll() is None]
+
+    def start(self) -> None:
+        from failfirst import store
+        from failfirst.connections import get_redis
+
+        get_redis(self.settings)
+        store.open_store(self.settings.database_url)
+        with self._lock:
+            self.procs = [self._spawn() for _ in range(self.count)]
+        for target, name in (
+            (self._monitor, "monitor"),
+            (self._schedule, "scheduler"),
+            (self._reconcile, "reconciler"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _monitor(self) -> None:
+        backoff: dict[int, float] = {}
+        while not self.stopping.wait(0.05):
+            with self._lock:
+                procs = list(enumerate(self.procs))
+            for index, proc in procs:
+                code = proc.poll()
+                if code is None or self.stopping.is_set():
+                    continue
+                if time.monotonic() < backoff.get(index, 0):
+                    continue
+                self._emit("died", proc.pid, f"exit {code}")
+                replacement = self._spawn()
+                with self._lock:
+                    self.procs[index] = replacement
+                quick = code not in (-signal.SIGKILL, -signal.SIGTERM)
+                backoff[index] = time.monotonic() + (0.5 if quick else 0.0)
+            if self.burst and self._drained():
+                self.finished.set()
+                return
+
+    def _drained(self) -> bool:
+        from failfirst import store
+
+        try:
+            engine = store.get_engine(self.settings.database_url, readonly=True)
+            o = models.orders
+            with engine.connect() as conn:
+                left = conn.execute(
+                    select(func.count())
+                    .select_from(o)
+                    .where(o.c.state.notin_([s.value for s in SETTLED]))
+                ).scalar_one()
+        except Exception:
+            return False
+        return left == 0
+
+    def _schedule(self) -> None:
+        from redis.exceptions import RedisError
+        from rq.scheduler import RQScheduler
+
+        from failfirst.connections import get_redis
+
+        scheduler: RQScheduler | None = None
+        beat = 0.0
+        while not self.stopping.wait(self.settings.scheduler_interval):
+            try:
+                if scheduler is None:
+                    redis = get_redis(self.settings, start=False, check=False)
+                    scheduler = RQScheduler([self.settings.queue], connection=redis)
+                    scheduler.log.setLevel(logging.WARNING)
+                if not scheduler.acquired_locks:
+                    scheduler.acquire_locks()
+                    if scheduler.acquired_locks:
+                        scheduler.register_birth()
+                if scheduler.acquired_locks:
+                    if time.monotonic() - beat > 1.0:
+                        scheduler.heartbeat()
+                        beat = time.monotonic()
+                    scheduler.enqueue_scheduled_jobs()
+            except RedisError:
+                scheduler = None
+            except Exception:
+                log.exception("scheduler pass failed")
+        if scheduler is not None:
+            with contextlib.suppress(Exception):
+                scheduler.release_locks()
+                scheduler.register_death()
+
+    def _reconcile(self) -> None:
+        from redis.exceptions import RedisError
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from failfirst import store
+        from failfirst.connections import get_redis
+        from failfirst.queueing import order_queue
+        from failfirst.reconciler import reconcile
+
+        while not self.stopping.wait(self.settings.reconcile_interval):
+            try:
+                redis = get_redis(self.settings, start=False, check=False)
+                engine = store.get_engine(self.settings.database_url)
+                report = reconcile(engine, redis, order_queue(redis, self.settings.queue))
+                if report.total:
+                    self.reconciled += report.total
+                    self._emit(
+                        "reconciled",
+                        0,
+                        f"enqueued {len(report.enqueued)}, re-drove {len(report.redriven)}",
+                    )
+            except (RedisError, SQLAlchemyError):
+                continue
+            except Exception:
+                log.exception("reconciler pass failed")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until burst work is done (True), the timeout passes, or stop() (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.finished.is_set() and not self.stopping.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            self.finished.wait(0.1)
+        return self.finished.is_set()
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every worker (RQ finishes its current job), then SIGKILL stragglers."""
+        self.stopping.set()
+        with self._lock:
+            procs = list(self.procs)
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            remaining = max(deadline - time.monotonic(), 0.01)
+            try:
+                proc.wait(remaining)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for thread in self._threads:
+            thread.join(timeout=5)
