@@ -277,6 +277,88 @@ def worker(
         typer.echo(f"workers stopped after {time.monotonic() - started:.1f}s")
 
 
+# ---------------------------------------------------------------- checker and DLQ
+
+
+@app.command()
+def check(as_json: bool = JsonOpt) -> None:
+    """Check the invariants over the current store; exit 1 if any fails."""
+    from failfirst.checker import check_store, render_report
+    from failfirst.runtime import open_runtime
+
+    report = check_store(open_runtime(redis=False).engine)
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        console().print(render_report(report))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@dlq_app.command("list")
+def dlq_list(as_json: bool = JsonOpt) -> None:
+    """List dead-lettered orders."""
+    from failfirst.dlq import list_entries, render_entries
+    from failfirst.runtime import open_runtime
+
+    rows = list_entries(open_runtime(redis=False).engine)
+    if as_json:
+        emit_json(rows)
+    else:
+        console().print(render_entries(rows))
+
+
+@dlq_app.command("show")
+def dlq_show(order_id: int = typer.Argument(..., help="Order id."), as_json: bool = JsonOpt) -> None:
+    """Show one dead-lettered order with its error and history."""
+    from failfirst.dlq import show_entry
+    from failfirst.runtime import open_runtime
+
+    doc = show_entry(open_runtime(redis=False).engine, order_id)
+    if as_json:
+        emit_json(doc)
+    else:
+        for k, v in doc.items():
+            if k != "events":
+                typer.echo(f"{k:>12}: {v}")
+        for ev in doc.get("events", []):
+            typer.echo(f"  v{ev['version']} {ev['from_state'] or '-'} -> {ev['to_state']}: {ev['reason']}")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    order_id: int | None = typer.Argument(None, help="Order id (or --all)."),
+    all_: bool = typer.Option(False, "--all", help="Replay every open entry."),
+) -> None:
+    """Re-drive dead letters with a fresh retry budget (idempotent)."""
+    from failfirst.dlq import replay
+    from failfirst.errors import UsageError
+    from failfirst.runtime import open_runtime
+
+    if (order_id is None) == (not all_):
+        raise UsageError("give one order id or --all")
+    rt = open_runtime()
+    for line in replay(rt, None if all_ else order_id):
+        typer.echo(line)
+
+
+@dlq_app.command("cancel")
+def dlq_cancel(
+    order_id: int | None = typer.Argument(None, help="Order id (or --all)."),
+    all_: bool = typer.Option(False, "--all", help="Cancel every open entry."),
+) -> None:
+    """Compensate (refund, release) and cancel dead letters (idempotent)."""
+    from failfirst.dlq import cancel
+    from failfirst.errors import UsageError
+    from failfirst.runtime import open_runtime
+
+    if (order_id is None) == (not all_):
+        raise UsageError("give one order id or --all")
+    rt = open_runtime(redis=False)
+    for line in cancel(rt, None if all_ else order_id):
+        typer.echo(line)
+
+
 # ---------------------------------------------------------------- entry point
 
 

@@ -53,7 +53,7 @@ class Supervisor:
         self.events: list[WorkerEvent] = []
         self.stopping = threading.Event()
         self.finished = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._threads: list[threading.Thread] = []
         self.reconciled = 0
 
