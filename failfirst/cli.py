@@ -359,6 +359,82 @@ def dlq_cancel(
         typer.echo(line)
 
 
+# ---------------------------------------------------------------- chaos
+
+
+@chaos_app.command("list")
+def chaos_list() -> None:
+    """List the shipped scenarios."""
+    from failfirst.chaos.scenario import available, load
+
+    for name in available():
+        typer.echo(f"{name:<22} {load(name).description}")
+
+
+@chaos_app.command("run")
+def chaos_run(
+    scenario: str = typer.Argument("demo", help="Scenario name or TOML path."),
+    orders: int | None = typer.Option(None, "--orders", min=1),
+    workers: int | None = typer.Option(None, "--workers", min=1, max=32),
+    seed: int | None = typer.Option(None, "--seed"),
+    payment_fail: float | None = typer.Option(None, "--payment-fail"),
+    inventory_fail: float | None = typer.Option(None, "--inventory-fail"),
+    ambiguous: float | None = typer.Option(None, "--ambiguous"),
+    latency_ms: float | None = typer.Option(None, "--latency-ms", min=0),
+    jitter_ms: float | None = typer.Option(None, "--jitter-ms", min=0),
+    kill_workers: float | None = typer.Option(None, "--kill-workers", min=0, help="SIGKILLs per second."),
+    redis_outage: str | None = typer.Option(None, "--redis-outage", help="SECONDS@AT"),
+    redis_flush: float | None = typer.Option(None, "--redis-flush", help="AT seconds"),
+    duplicates: float | None = typer.Option(None, "--duplicates"),
+    crash_at: list[str] = typer.Option([], "--crash-at", help="Crash point (repeatable)."),
+    deadline: float | None = typer.Option(None, "--deadline", min=1),
+    breaks: list[str] = typer.Option([], "--break", help="Remove one safeguard (repeatable)."),
+    as_json: bool = JsonOpt,
+    report_file: str | None = typer.Option(None, "--report", help="Write HTML or SVG here."),
+) -> None:
+    """Run a chaos experiment and prove the invariants from the records."""
+    from pathlib import Path
+
+    from failfirst.chaos import scenario as sc
+    from failfirst.chaos.report import render, write
+    from failfirst.chaos.runner import ChaosRun
+
+    scn = sc.override(
+        sc.load(scenario),
+        orders=orders, workers=workers, seed=seed, payment_fail=payment_fail,
+        inventory_fail=inventory_fail, ambiguous=ambiguous, latency_ms=latency_ms,
+        jitter_ms=jitter_ms, kill_workers=kill_workers, redis_outage=redis_outage,
+        redis_flush=redis_flush, duplicates=duplicates, deadline=deadline,
+        crash_at=tuple(crash_at) or None, breaks=tuple(breaks) or None,
+    )
+    progress = None
+    live = None
+    if not as_json and sys.stderr.isatty():
+        from rich.console import Console
+        from rich.live import Live
+
+        live = Live(console=Console(stderr=True), refresh_per_second=4, transient=True)
+        live.start()
+
+        def progress(counts: dict[str, int], faults: list[Any], elapsed: float) -> None:
+            text = "  ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            live.update(f"[{elapsed:5.1f}s] {text}   faults {len(faults)}")
+
+    try:
+        report = ChaosRun(scn, scenario, progress=progress).execute()
+    finally:
+        if live is not None:
+            live.stop()
+    if report_file:
+        write(report, Path(report_file))
+    if as_json:
+        emit_json(report)
+    else:
+        console().print(render(report))
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
 # ---------------------------------------------------------------- entry point
 
 

@@ -11,6 +11,7 @@ order to another worker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -292,10 +293,8 @@ class Driver:
         from redis.exceptions import RedisError
 
         tag = job_tag(order.attempts, order.replays, order.comp_attempts)
-        try:
+        with contextlib.suppress(RedisError):
             enqueue_order(self.ctx.queue, order.id, tag, delay)
-        except RedisError:
-            pass
 
     def reserve(self, order: OrderView) -> OrderView:
         ctx = self.ctx

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import TYPE_CHECKING
 
 from sqlalchemy import and_, or_, select
@@ -74,9 +75,13 @@ def reconcile(engine: Engine, redis: Redis, queue: Queue, now: float | None = No
     for row, tag, (status, _started) in zip(rows, tags, states, strict=True):
         if status in (b"queued", b"scheduled", b"deferred"):
             continue
-        if status == b"started" and row.lease_owner is None and row.lease_until is None:
-            if _started_recently(_started, now):
-                continue
+        if (
+            status == b"started"
+            and row.lease_owner is None
+            and row.lease_until is None
+            and _started_recently(_started, now)
+        ):
+            continue
         enqueue_order(queue, row.id, tag)
         (report.redriven if row.lease_owner or status else report.enqueued).append(row.id)
     return report
@@ -85,11 +90,11 @@ def reconcile(engine: Engine, redis: Redis, queue: Queue, now: float | None = No
 def _started_recently(started_at: bytes | None, now: float, window: float = 5.0) -> bool:
     if not started_at:
         return False
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     text = started_at.decode().rstrip("Z")
     try:
-        when = datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+        when = datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
     except ValueError:
         return False
     return now - when < window

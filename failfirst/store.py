@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, func, inspect, insert, select
+from sqlalchemy import Engine, create_engine, event, func, insert, inspect, select
 from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from sqlmodel import SQLModel
 

@@ -1,0 +1,352 @@
+"""One chaos run: a fresh store and Redis, workers, load, faults, then the verdict.
+
+Each run lives in its own directory under `<home>/runs/`, with its own SQLite
+file and its own embedded redis-server (or its own database number on a Redis
+server), so runs never see each other's orders or the user's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import shlex
+import statistics
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from failfirst import config, models, store
+from failfirst.chaos.scenario import Scenario, parse_outage
+from failfirst.config import Breaks, FaultConfig, RetryConfig, Settings
+from failfirst.embedded import EmbeddedRedis
+from failfirst.states import SETTLED, State
+
+
+@dataclass
+class FaultLog:
+    started: float = field(default_factory=time.time)
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, kind: str, detail: str) -> None:
+        with self.lock:
+            self.entries.append({"t": round(time.time() - self.started, 3), "kind": kind, "detail": detail})
+
+
+def run_settings(scn: Scenario, home: Path, redis_url: str | None, db_url: str | None) -> Settings:
+    base = config.load()
+    faults = FaultConfig(
+        payment_fail=scn.payment_fail,
+        insufficient_funds=scn.insufficient_funds,
+        ambiguous=scn.ambiguous,
+        hang=scn.hang,
+        latency_ms=scn.latency_ms,
+        jitter_ms=scn.jitter_ms,
+        inventory_fail=scn.inventory_fail,
+        call_timeout_ms=scn.call_timeout_ms,
+        seed=scn.seed,
+    )
+    retry = RetryConfig(
+        inner_attempts=scn.inner_attempts, inner_base=0.002, inner_cap=0.01,
+        attempts=scn.attempts, base=scn.backoff_base, factor=2.0, cap=scn.backoff_cap,
+    )
+    return Settings(
+        home=home,
+        database_url=db_url or f"sqlite:///{home / 'run.db'}",
+        redis_url=redis_url,
+        queue=base.queue,
+        rate_per_second=0.0,
+        lease_seconds=scn.lease_seconds,
+        reconcile_interval=0.25,
+        scheduler_interval=0.05,
+        faults=faults,
+        retry=retry,
+        breaks=Breaks.parse(",".join(scn.breaks)),
+        crash_at=scn.crash_at,
+        crash_rate=scn.crash_rate,
+    )
+
+
+def replay_command(scn: Scenario, source: str) -> str:
+    parts = ["failfirst", "chaos", "run", source, "--seed", str(scn.seed), "--orders", str(scn.orders),
+             "--workers", str(scn.workers)]
+    for name in scn.breaks:
+        parts += ["--break", name]
+    return shlex.join(parts)
+
+
+class ChaosRun:
+    def __init__(self, scn: Scenario, source: str, *, progress: Any = None) -> None:
+        self.scn = scn
+        self.source = source
+        self.progress = progress
+        base = config.load()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.dir = base.home / "runs" / f"{stamp}-{scn.name}-{scn.seed}-{random.randrange(1 << 16):04x}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        redis_url = None
+        if base.redis_url:
+            redis_url = base.redis_url
+        self.external_redis = redis_url is not None
+        self.settings = run_settings(scn, self.dir, redis_url, None)
+        self.log = FaultLog()
+        self.placed: dict[str, int] = {}
+        self.duplicates_answered: list[tuple[str, int, int]] = []
+        self.kills: list[dict[str, Any]] = []
+        self.stop_faults = threading.Event()
+
+    # ------------------------------------------------------------ set-up
+    def prepare(self) -> None:
+        engine = store.open_store(self.settings.database_url, seed=False)
+        store.seed_catalogue(
+            engine,
+            tuple((sku, name, price, self.scn.stock) for sku, name, price, _ in store.DEFAULT_CATALOGUE),
+        )
+        self.engine = engine
+        if not self.external_redis:
+            EmbeddedRedis(self.dir).start()
+        from failfirst.connections import get_redis
+
+        self.redis = get_redis(self.settings)
+        if self.external_redis:
+            self.redis.flushdb()
+
+    # ------------------------------------------------------------ load
+    def place_all(self) -> None:
+        from failfirst.errors import FailfirstError
+        from failfirst.gateway import Gateway, PlaceRequest
+
+        gw = Gateway(self.settings, self.engine, self.redis)
+        rng = random.Random(self.scn.seed)
+        skus = [s for s, *_ in store.DEFAULT_CATALOGUE]
+        plan = []
+        for i in range(self.scn.orders):
+            req = PlaceRequest(f"cust-{i % 97}", rng.choice(skus), 1 + rng.randrange(3 if self.scn.stock > 1000 else 1),
+                               f"run-{self.scn.seed}-{i}")
+            plan.append(req)
+            if rng.random() < self.scn.duplicates:
+                plan.append(req)
+        work = list(enumerate(plan))
+        lock = threading.Lock()
+
+        def placer() -> None:
+            while True:
+                with lock:
+                    if not work:
+                        return
+                    _, req = work.pop(0)
+                    twin = work and work[0][1] == req
+                    if twin:
+                        work.pop(0)
+                reqs = [req, req] if twin else [req]
+                threads = [threading.Thread(target=self._place_one, args=(gw, r, FailfirstError)) for r in reqs]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+
+        pool = [threading.Thread(target=placer) for _ in range(self.scn.placers)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+
+    def _place_one(self, gw: Any, req: Any, error_type: type[Exception]) -> None:
+        deadline = time.monotonic() + self.scn.deadline
+        while time.monotonic() < deadline:
+            try:
+                result = gw.place(req, wait=2.0)
+            except error_type:
+                time.sleep(0.05)
+                continue
+            except Exception:
+                time.sleep(0.05)
+                continue
+            with self.log.lock:
+                first = self.placed.setdefault(req.key, result.order_id)
+                if result.replayed or first != result.order_id:
+                    self.duplicates_answered.append((req.key, first, result.order_id))
+            if self.scn.redeliver and random.random() < self.scn.redeliver:
+                with contextlib.suppress(Exception):
+                    from failfirst.queueing import enqueue_order, order_queue
+
+                    enqueue_order(order_queue(self.redis, self.settings.queue), result.order_id, "dup")
+            return
+
+    # ------------------------------------------------------------ faults
+    def inject(self, sup: Any) -> None:
+        scn = self.scn
+        t0 = time.monotonic()
+        outage = parse_outage(scn.redis_outage) if scn.redis_outage else None
+        outage_done = flush_done = False
+        rng = random.Random(scn.seed * 31 + 7)
+        next_kill = t0 + (rng.expovariate(scn.kill_workers) if scn.kill_workers else 1e18)
+        while not self.stop_faults.wait(0.02):
+            now = time.monotonic()
+            elapsed = now - t0
+            if scn.kill_workers and now >= next_kill:
+                pids = sup.pids()
+                if pids:
+                    import os
+                    import signal
+
+                    pid = rng.choice(pids)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    self.kills.append({"t": round(elapsed, 3), "pid": pid})
+                    self.log.add("kill-worker", f"SIGKILL worker {pid}")
+                next_kill = now + rng.expovariate(scn.kill_workers)
+            if outage and not outage_done and elapsed >= outage[1] and not self.external_redis:
+                outage_done = True
+                server = EmbeddedRedis(self.dir)
+                server.stop()
+                self.log.add("redis-down", f"redis stopped for {outage[0]}s")
+                if self.stop_faults.wait(outage[0]):
+                    server.start()
+                    return
+                server.start()
+                self.log.add("redis-up", "redis restarted")
+            if scn.redis_flush >= 0 and not flush_done and elapsed >= scn.redis_flush:
+                flush_done = True
+                with contextlib.suppress(Exception):
+                    self.redis.flushdb()
+                    self.log.add("redis-flush", "FLUSHDB: every queued and scheduled job lost")
+
+    # ------------------------------------------------------------ observation
+    def counts(self) -> dict[str, int]:
+        o = models.orders
+        eng = store.get_engine(self.settings.database_url, readonly=True)
+        with eng.connect() as conn:
+            rows = conn.execute(select(o.c.state, func.count()).group_by(o.c.state)).all()
+        return {s: c for s, c in rows}
+
+    def settled(self) -> bool:
+        counts = self.counts()
+        total = sum(counts.values())
+        done = sum(c for s, c in counts.items() if s in SETTLED)
+        return total > 0 and done == total and len(self.placed) >= len(
+            {f"run-{self.scn.seed}-{i}" for i in range(self.scn.orders)}
+        )
+
+    # ------------------------------------------------------------ the run
+    def execute(self) -> dict[str, Any]:
+        from failfirst.supervisor import Supervisor
+
+        self.prepare()
+        restarts: list[float] = []
+        sup = Supervisor(
+            self.settings, count=self.scn.workers,
+            on_event=lambda ev: restarts.append(ev.at) if ev.kind == "started" else None,
+        )
+        started = time.time()
+        sup.start()
+        fault_thread = threading.Thread(target=self.inject, args=(sup,), daemon=True)
+        fault_thread.start()
+        placing = threading.Thread(target=self.place_all, daemon=True)
+        placing.start()
+        deadline = time.monotonic() + self.scn.deadline
+        timeline: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                counts = self.counts()
+                timeline.append({"t": round(time.time() - started, 2), **counts})
+                if self.progress is not None:
+                    self.progress(counts, self.log.entries, time.time() - started)
+            if not placing.is_alive() and self.settled():
+                break
+            time.sleep(0.2)
+        self.stop_faults.set()
+        fault_thread.join(timeout=15)
+        placing.join(timeout=5)
+        sup.stop()
+        elapsed = time.time() - started
+        report = self.report(elapsed, timeline, sup)
+        if not self.external_redis:
+            EmbeddedRedis(self.dir).stop()
+        else:
+            with contextlib.suppress(Exception):
+                self.redis.flushdb()
+        return report
+
+    def report(self, elapsed: float, timeline: list[dict[str, Any]], sup: Any) -> dict[str, Any]:
+        from failfirst.checker import check_store, liveness
+
+        o = models.orders
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(o.c.state, o.c.attempts, o.c.created_at, o.c.settled_at)
+            ).all()
+            dlq_rows = conn.execute(
+                select(models.dlq.c.order_id, models.dlq.c.parked_from, models.dlq.c.error, models.dlq.c.attempts)
+                .where(models.dlq.c.resolved_at.is_(None)).limit(20)
+            ).all()
+            crashes = conn.execute(select(models.faults.c.kind, models.faults.c.order_id, models.faults.c.at)).all()
+        states = Counter(r.state for r in rows)
+        attempts = Counter(r.attempts for r in rows)
+        lat = sorted((r.settled_at - r.created_at) * 1000 for r in rows if r.settled_at)
+        check = check_store(self.engine)
+        live = liveness(self.engine)
+        n = len(rows)
+        completed = states.get(State.COMPLETED, 0) / n if n else 0.0
+        dead = states.get(State.DEAD_LETTERED, 0) / n if n else 0.0
+        dup_ok = all(a == b for _, a, b in self.duplicates_answered)
+        thresholds = [
+            {"name": f"completed share >= {self.scn.min_completed:g}", "value": round(completed, 4),
+             "ok": completed >= self.scn.min_completed},
+            {"name": f"dead-lettered share <= {self.scn.max_dead_lettered:g}", "value": round(dead, 4),
+             "ok": dead <= self.scn.max_dead_lettered},
+            {"name": "duplicate submissions got the original order back",
+             "value": len(self.duplicates_answered), "ok": dup_ok},
+        ]
+        for entry in crashes:
+            self.log.entries.append({"t": round(entry.at - self.log.started, 3), "kind": entry.kind,
+                                     "detail": f"order {entry.order_id}"})
+        self.log.entries.sort(key=lambda e: e["t"])
+        recoveries = []
+        for kill in self.kills:
+            kill_at = self.log.started + kill["t"]
+            after = [t for t in _restart_times(sup) if t >= kill_at]
+            if after:
+                recoveries.append(round((min(after) - kill_at) * 1000, 1))
+
+        def pct(q: float) -> float | None:
+            if not lat:
+                return None
+            return round(lat[min(len(lat) - 1, int(q * len(lat)))], 1)
+
+        ok = check.ok and live.ok and all(t["ok"] for t in thresholds)
+        return {
+            "scenario": self.scn.name,
+            "description": self.scn.description,
+            "parameters": self.scn.params(),
+            "seed": self.scn.seed,
+            "run_dir": str(self.dir),
+            "orders": n,
+            "keys_submitted": len(self.placed),
+            "elapsed_s": round(elapsed, 2),
+            "throughput_per_s": round(n / elapsed, 1) if elapsed else 0.0,
+            "final_states": dict(sorted(states.items())),
+            "attempts_histogram": {str(k): v for k, v in sorted(attempts.items())},
+            "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
+                           "max": round(lat[-1], 1) if lat else None,
+                           "mean": round(statistics.fmean(lat), 1) if lat else None},
+            "faults": self.log.entries,
+            "worker_kills": len(self.kills),
+            "kill_recovery_ms": recoveries,
+            "dlq": [dict(r._mapping) for r in dlq_rows],
+            "invariants": check.to_dict(),
+            "liveness": live.to_dict() if hasattr(live, "to_dict") else {"ok": live.ok},
+            "thresholds": thresholds,
+            "timeline": timeline,
+            "ok": ok,
+            "replay": replay_command(self.scn, self.source),
+        }
+
+
+def _restart_times(sup: Any) -> list[float]:
+    return [ev.at for ev in sup.events if ev.kind == "started"]
