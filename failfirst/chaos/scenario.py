@@ -106,9 +106,10 @@ def _coerce(path: Path, key: str, value: Any, kind: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
         value = tuple(value)
-    if key in RATES and not 0 <= value <= 1:
+    bare = key.split(".")[-1]
+    if bare in RATES and not 0 <= value <= 1:
         raise ConfigError(f"{where}: rate {value} is outside 0..1")
-    if isinstance(value, int | float) and not isinstance(value, bool) and value < 0 and key != "redis_flush":
+    if isinstance(value, int | float) and not isinstance(value, bool) and value < 0 and bare != "redis_flush":
         raise ConfigError(f"{where}: {value} is negative")
     return value
 
