@@ -255,8 +255,13 @@ class Driver:
         ctx = self.ctx
         key = charge_key(order, per_attempt=self.breaks.payment_keys)
         step = f"pay:{order.attempts}"
+
+        def attempt(n: int) -> int:
+            call_key = f"{key}-call-{n}" if self.breaks.payment_keys else key
+            return ctx.payment.charge(order, call_key, f"{step}:{n}")
+
         try:
-            charge_id = ctx.policy.call(lambda n: ctx.payment.charge(order, key, f"{step}:{n}"))
+            charge_id = ctx.policy.call(attempt)
         except RetryableError as exc:
             return self.payment_failed(order, exc)
         except ProviderError as exc:

@@ -151,7 +151,7 @@ class Supervisor:
                 if scheduler is None:
                     redis = get_redis(self.settings, start=False, check=False)
                     scheduler = RQScheduler([self.settings.queue], connection=redis)
-                    scheduler.log.setLevel(logging.WARNING)
+                    scheduler.log.setLevel(logging.ERROR)
                 if not scheduler.acquired_locks:
                     scheduler.acquire_locks()
                     if scheduler.acquired_locks:

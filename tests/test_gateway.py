@@ -193,11 +193,11 @@ def test_transient_failure_releases_the_claim_so_a_retry_succeeds(
         raise RuntimeError("database hiccup")
 
     req = PlaceRequest("c1", "KB-101", 1, "flaky")
-    monkeypatch.setattr(Gateway, "_insert_order", boom)
-    with pytest.raises(RuntimeError, match="hiccup"):
-        gw.place(req)
+    with monkeypatch.context() as m:
+        m.setattr(Gateway, "_insert_order", boom)
+        with pytest.raises(RuntimeError, match="hiccup"):
+            gw.place(req)
     assert counts(engine) == (0, 0, 0)
-    monkeypatch.undo()
     result = gw.place(req, wait=0)
     assert result.replayed is False
     assert counts(engine) == (1, 1, 1)

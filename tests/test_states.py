@@ -187,24 +187,19 @@ def test_stale_snapshot_raises_stale_version_and_writes_nothing(home: Path) -> N
 
 
 def _racer(url: str, order_id: int, barrier: Any, results: Any) -> None:
-    from failfirst import store as st_
-    from failfirst.states import State as S_
-    from failfirst.states import StaleVersion as Stale
-    from failfirst.states import load as load_
-    from failfirst.states import transition as transition_
-
-    engine = st_.open_store(url)
+    """Runs in a spawned process: load, meet the other racer, then try the same move."""
+    engine = store.open_store(url)
     with engine.connect() as conn:
-        order = load_(conn, order_id)
+        order = load(conn, order_id)
     loaded_version = order.version
     barrier.wait(timeout=60)
     try:
         with engine.begin() as conn:
-            transition_(conn, order, S_.PAYMENT_PENDING, "race")
+            transition(conn, order, S.PAYMENT_PENDING, "race")
         results.put(("won", loaded_version, None))
-    except Stale:
+    except StaleVersion:
         with engine.connect() as conn:
-            seen = load_(conn, order_id)
+            seen = load(conn, order_id)
         results.put(("stale", loaded_version, (seen.state, seen.version)))
 
 
