@@ -65,11 +65,15 @@ class Supervisor:
         return env
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "failfirst.workerproc"],
-            env=self._env(),
-            stdin=subprocess.DEVNULL,
-        )
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        with open(self.settings.home / "worker.log", "ab") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "failfirst.workerproc"],
+                env=self._env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+            )
         self._emit("started", proc.pid)
         return proc
 
