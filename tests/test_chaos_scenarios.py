@@ -1,0 +1,133 @@
+"""Chaos scenarios end to end: retry statistics, report files, crash points, kills, Redis faults."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+Z99 = 2.576
+
+
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "failfirst", *args],
+        env=dict(os.environ), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def run_json(*args: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess[str], dict]:
+    out = run_cli("chaos", "run", *args, "--json", timeout=timeout)
+    assert out.stdout.strip(), out.stderr
+    return out, json.loads(out.stdout)
+
+
+def assert_share(observed: int, n: int, expected: float, what: str) -> None:
+    half = Z99 * math.sqrt(expected * (1 - expected) / n)
+    share = observed / n
+    assert abs(share - expected) <= half, f"{what}: {share:.4f} vs {expected} +/- {half:.4f} (n={n})"
+
+
+def failed_verdicts(report: dict) -> list[dict]:
+    bad = [v for v in report["invariants"]["verdicts"] if not v["ok"]]
+    if not report["liveness"].get("ok", True):
+        bad.append(report["liveness"])
+    return bad + [t for t in report["thresholds"] if not t["ok"]]
+
+
+GEOMETRIC = """\
+[load]
+orders = 2000
+workers = 2
+seed = 3
+deadline = 120
+
+[faults]
+payment_fail = 0.5
+inventory_fail = 0.1
+
+[policies]
+attempts = 3
+inner_attempts = 1
+backoff_base = 0.005
+backoff_cap = 0.02
+"""
+
+
+def test_retry_statistics_match_geometric_law_within_99_percent_interval(home: Path, tmp_path: Path) -> None:
+    path = tmp_path / "geometric.toml"
+    path.write_text(GEOMETRIC)
+    out, report = run_json(str(path), timeout=300)
+    assert out.returncode == 0, failed_verdicts(report)
+    n = report["orders"]
+    assert n == 2000
+    p, k = 0.5, 3
+    hist = {int(a): c for a, c in report["attempts_histogram"].items()}
+    states = report["final_states"]
+    assert sum(hist.values()) == n
+    assert set(hist) <= {1, 2, 3}
+    dead = states.get("DEAD_LETTERED", 0)
+    assert_share(dead, n, p**k, "dead-lettered share")
+    for j in (1, 2):
+        assert_share(hist.get(j, 0), n, (1 - p) * p ** (j - 1), f"share with exactly {j} attempts")
+    assert_share(hist.get(k, 0), n, p ** (k - 1), f"share with {k} attempts")
+    charged = n - dead
+    assert_share(states.get("CANCELLED", 0), charged, 0.1, "cancelled share of charged orders")
+
+
+def test_report_file_is_written_as_html_and_svg_with_state_chart(home: Path, tmp_path: Path) -> None:
+    html = tmp_path / "run.html"
+    out = run_cli("chaos", "run", "demo", "--orders", "60", "--json", "--report", str(html))
+    assert out.returncode == 0, out.stderr
+    assert html.exists()
+    text = html.read_text()
+    assert "State over time" in text
+    assert "COMPLETED" in text
+    svg = tmp_path / "run.svg"
+    out = run_cli("chaos", "run", "demo", "--orders", "60", "--json", "--report", str(svg))
+    assert out.returncode == 0, out.stderr
+    assert svg.exists()
+    assert svg.read_text().lstrip().startswith("<svg")
+
+
+def test_crash_points_scenario_recovers_with_no_second_side_effect(home: Path) -> None:
+    out, report = run_json("crash-points", "--orders", "60")
+    assert out.returncode == 0, failed_verdicts(report)
+    assert report["invariants"]["verdicts"]
+    assert not failed_verdicts(report)
+    points = {f["kind"] for f in report["faults"] if f["kind"].startswith("crash:")}
+    assert len(points) >= 3, points
+
+
+def test_worker_crashes_scenario_survives_kills(home: Path) -> None:
+    out, report = run_json("worker-crashes", "--orders", "150")
+    assert out.returncode == 0, failed_verdicts(report)
+    assert report["worker_kills"] > 0
+    assert report["kill_recovery_ms"]
+
+
+def test_redis_flush_scenario_passes(home: Path) -> None:
+    out, report = run_json("redis-flush", "--orders", "100")
+    assert out.returncode == 0, failed_verdicts(report)
+    assert "redis-flush" in {f["kind"] for f in report["faults"]}
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="product bug: after redis-outage (2@1, seed 5, 100 orders) liveness fails, 3 orders "
+    "'still PAYMENT_FAILED after ~60s' (never retried); invariants themselves all ok",
+)
+def test_redis_outage_and_flush_scenarios_pass(home: Path) -> None:
+    out, report = run_json("redis-outage", "--orders", "100")
+    assert out.returncode == 0, failed_verdicts(report)
+    kinds = {f["kind"] for f in report["faults"]}
+    assert {"redis-down", "redis-up"} <= kinds, kinds
+    out, report = run_json("redis-flush", "--orders", "100")
+    assert out.returncode == 0, failed_verdicts(report)
+    kinds = {f["kind"] for f in report["faults"]}
+    assert "redis-flush" in kinds, kinds
