@@ -5,7 +5,9 @@ live job will deliver: never enqueued (Redis was down at placement), lost
 (Redis restarted empty, FLUSHALL), held by a worker that died (its lease
 expired), or a retry whose scheduled job vanished. It enqueues each again under
 its current job id, so a pass that races another reconciler collapses into one
-job, and a duplicate delivery is refused by the lease anyway.
+job, and a duplicate delivery is refused by the lease anyway. A retry still
+"scheduled" in RQ after its due time is enqueued directly: after a Redis restart
+the scheduler lock of the previous scheduler can hold for a minute.
 """
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ def reconcile(engine: Engine, redis: Redis, queue: Queue, now: float | None = No
             pipe.hmget(f"rq:job:{job_id(row.id, tag)}", "status", "started_at")
         states = pipe.execute()
     for row, tag, (status, _started) in zip(rows, tags, states, strict=True):
-        if status in (b"queued", b"scheduled", b"deferred"):
+        if status in (b"queued", b"deferred"):
+            continue
+        if status == b"scheduled" and row.next_attempt_at is None:
             continue
         if (
             status == b"started"

@@ -149,12 +149,13 @@ class Supervisor:
         from failfirst.connections import get_redis
 
         scheduler: RQScheduler | None = None
+        name = f"failfirst-{os.getpid()}-{id(self):x}"
         beat = 0.0
         while not self.stopping.wait(self.settings.scheduler_interval):
             try:
                 if scheduler is None:
                     redis = get_redis(self.settings, start=False, check=False)
-                    scheduler = RQScheduler([self.settings.queue], connection=redis)
+                    scheduler = RQScheduler([self.settings.queue], connection=redis, name=name)
                     scheduler.log.setLevel(logging.ERROR)
                 if not scheduler.acquired_locks:
                     scheduler.acquire_locks()
