@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, and_, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from failfirst import models
+from failfirst import models, sql
 from failfirst.config import FaultConfig
 from failfirst.states import OrderView
 
@@ -120,14 +120,7 @@ class PaymentProvider(Simulator):
         """Charge the order once per key; returns the charge id. May raise ProviderError."""
         call = self._call(order, step)
         self._wait(call)
-        existing = self._find(key)
-        if existing is not None:
-            return existing
-        if call.funds < self.faults.insufficient_funds:
-            raise InsufficientFunds("card declined for insufficient funds")
-        if call.fail < self.faults.payment_fail:
-            raise (ProviderTimeout if call.kind < 0.5 else GatewayError)("simulated failure")
-        charge_id = self._record(order, key)
+        charge_id = self._charge_once(order, key, call)
         ambiguous = call.ambiguous < self.faults.ambiguous and (
             not self.faults.ambiguous_first_attempt_only or order.attempts <= 1
         )
@@ -135,24 +128,25 @@ class PaymentProvider(Simulator):
             raise ProviderTimeout("charged, but the answer was lost")
         return charge_id
 
-    def _find(self, key: str) -> int | None:
-        with self.engine.connect() as conn:
-            return conn.execute(
-                select(models.charges.c.id).where(models.charges.c.provider_key == key)
-            ).scalar()
-
-    def _record(self, order: OrderView, key: str) -> int:
+    def _charge_once(self, order: OrderView, key: str, call: Call) -> int:
+        """Look the key up and charge in one transaction: a known key answers with its charge."""
         try:
             with self.engine.begin() as conn:
-                return conn.execute(
-                    insert(models.charges)
-                    .values(order_id=order.id, provider_key=key, amount_cents=order.amount_cents, at=time.time())
-                    .returning(models.charges.c.id)
-                ).scalar_one()
+                existing = sql.FIND_CHARGE(conn, key=key).scalar()
+                if existing is not None:
+                    return int(existing)
+                if call.funds < self.faults.insufficient_funds:
+                    raise InsufficientFunds("card declined for insufficient funds")
+                if call.fail < self.faults.payment_fail:
+                    raise (ProviderTimeout if call.kind < 0.5 else GatewayError)("simulated failure")
+                return int(
+                    sql.INSERT_CHARGE(
+                        conn, order_id=order.id, key=key, amount=order.amount_cents, at=time.time()
+                    ).scalar_one()
+                )
         except IntegrityError:
-            found = self._find(key)
-            assert found is not None
-            return found
+            with self.engine.connect() as conn:
+                return int(sql.FIND_CHARGE(conn, key=key).scalar_one())
 
     def refund_all(self, order: OrderView, step: str) -> int:
         """Refund every charge of the order not yet refunded; returns how many were refunded."""
@@ -184,23 +178,16 @@ class InventoryProvider(Simulator):
     def reserve(self, order: OrderView, step: str) -> None:
         call = self._call(order, step)
         self._wait(call)
-        rs, p = models.reservations, models.products
         with self.engine.begin() as conn:
-            if conn.execute(select(rs.c.id).where(rs.c.order_id == order.id)).first():
+            if sql.FIND_RESERVATION(conn, order_id=order.id).first():
                 return
             if call.fail < self.faults.inventory_fail:
                 raise Bottleneck("the warehouse cannot take the reservation")
-            taken = conn.execute(
-                update(p)
-                .where(and_(p.c.sku == order.sku, p.c.stock >= order.quantity))
-                .values(stock=p.c.stock - order.quantity)
-            )
+            taken = sql.TAKE_STOCK(conn, sku=order.sku, quantity=order.quantity)
             if taken.rowcount != 1:
                 raise OutOfStock(f"not enough {order.sku} in stock for {order.quantity}")
-            conn.execute(
-                insert(rs).values(
-                    order_id=order.id, sku=order.sku, quantity=order.quantity, at=time.time()
-                )
+            sql.INSERT_RESERVATION(
+                conn, order_id=order.id, sku=order.sku, quantity=order.quantity, at=time.time()
             )
 
     def release(self, order: OrderView) -> bool:

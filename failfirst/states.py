@@ -12,9 +12,9 @@ from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy import Connection, and_, func, select
 
-from failfirst import models
+from failfirst import models, sql
 
 
 class State(StrEnum):
@@ -180,23 +180,21 @@ def transition(
         values.setdefault("lease_until", None)
     if to == State.DEAD_LETTERED:
         values.setdefault("parked_from", order.state)
-    o = models.orders
-    cond = o.c.id == order.id
-    if check_version:
-        cond = and_(cond, o.c.version == order.version)
-    result = conn.execute(update(o).where(cond).values(**values))
+    columns = tuple(sorted(values))
+    result = sql.update_order(columns, check_version=check_version)(
+        conn, id=order.id, expected=order.version, **values
+    )
     if result.rowcount != 1:
         raise StaleVersion(order.id, order.version)
-    conn.execute(
-        insert(models.events).values(
-            order_id=order.id,
-            from_state=order.state,
-            to_state=to.value,
-            version=order.version + 1,
-            attempt=order.attempts if attempt is None else attempt,
-            reason=reason,
-            worker=worker,
-            at=now,
-        )
+    sql.INSERT_EVENT(
+        conn,
+        order_id=order.id,
+        from_state=order.state,
+        to_state=to.value,
+        version=order.version + 1,
+        attempt=order.attempts if attempt is None else attempt,
+        reason=reason,
+        worker=worker,
+        at=now,
     )
     return replace(order, **values)

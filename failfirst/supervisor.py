@@ -23,11 +23,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from failfirst import models
 from failfirst.config import Settings, settings_env
-from failfirst.states import SETTLED
+from failfirst.states import SETTLED, State
 
 log = logging.getLogger("failfirst.supervisor")
 
@@ -132,15 +132,12 @@ class Supervisor:
         try:
             engine = store.get_engine(self.settings.database_url, readonly=True)
             o = models.orders
+            unsettled = [s.value for s in State if s not in SETTLED]
             with engine.connect() as conn:
-                left = conn.execute(
-                    select(func.count())
-                    .select_from(o)
-                    .where(o.c.state.notin_([s.value for s in SETTLED]))
-                ).scalar_one()
+                left = conn.execute(select(o.c.id).where(o.c.state.in_(unsettled)).limit(1)).first()
         except Exception:
             return False
-        return left == 0
+        return left is None
 
     def _schedule(self) -> None:
         from redis.exceptions import RedisError
@@ -187,7 +184,7 @@ class Supervisor:
         while not self.stopping.wait(self.settings.reconcile_interval):
             try:
                 redis = get_redis(self.settings, start=False, check=False)
-                engine = store.get_engine(self.settings.database_url)
+                engine = store.get_engine(self.settings.database_url, readonly=True)
                 report = reconcile(engine, redis, order_queue(redis, self.settings.queue))
                 if report.total:
                     self.reconciled += report.total
