@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Engine, and_, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from failfirst import models
+from failfirst import models, sql
 from failfirst.config import Settings
 from failfirst.errors import (
     IdempotencyConflict,
@@ -144,6 +144,10 @@ class Gateway:
         )
         if self.settings.breaks.idempotency:
             return self._place_unprotected(req, price)
+        try:
+            return self._enqueue(self._create_claimed(req, price))
+        except IntegrityError:
+            pass
         deadline = time.monotonic() + wait
         while True:
             owned, replay = self._claim(req)
@@ -229,58 +233,79 @@ class Gateway:
             )
 
     def _insert_order(self, conn: Connection, req: PlaceRequest, price: int, now: float) -> int:
-        o = models.orders
-        order_id = conn.execute(
-            insert(o)
-            .values(
+        order_id = int(
+            sql.INSERT_ORDER(
+                conn,
                 customer=req.customer,
-                idempotency_key=req.key,
+                key=req.key,
                 sku=req.sku,
                 quantity=req.quantity,
-                amount_cents=price * req.quantity,
+                amount=price * req.quantity,
                 state=State.CREATED.value,
-                version=1,
-                created_at=now,
-                updated_at=now,
-            )
-            .returning(o.c.id)
-        ).scalar_one()
-        conn.execute(
-            insert(models.events).values(
-                order_id=order_id,
-                from_state=None,
-                to_state=State.CREATED.value,
-                version=1,
-                attempt=0,
-                reason="placed",
-                worker="gateway",
-                at=now,
-            )
+                now=now,
+            ).scalar_one()
+        )
+        sql.INSERT_EVENT(
+            conn,
+            order_id=order_id,
+            from_state=None,
+            to_state=State.CREATED.value,
+            version=1,
+            attempt=0,
+            reason="placed",
+            worker="gateway",
+            at=now,
         )
         if not self.settings.breaks.outbox:
-            conn.execute(insert(models.outbox).values(order_id=order_id, created_at=now))
+            sql.INSERT_OUTBOX(conn, order_id=order_id, now=now)
         return order_id
 
-    def _create(self, req: PlaceRequest, price: int) -> PlaceResult:
+    def _result(self, req: PlaceRequest, price: int, order_id: int) -> PlaceResult:
+        return PlaceResult(
+            order_id=order_id,
+            state=State.CREATED.value,
+            idempotency_key=req.key or "",
+            customer=req.customer,
+            sku=req.sku,
+            quantity=req.quantity,
+            amount_cents=price * req.quantity,
+            replayed=False,
+            enqueued=False,
+        )
+
+    def _create_claimed(self, req: PlaceRequest, price: int) -> PlaceResult:
+        """A key nobody has used: claim it and create the order in one transaction.
+
+        The key row goes in last, already final, so a concurrent request with the
+        same key fails on it and the whole attempt rolls back; the caller then
+        takes the claim path and replays the winner's answer. Raises
+        IntegrityError when the key exists.
+        """
         now = time.time()
         with self.engine.begin() as conn:
-            order_id = self._insert_order(conn, req, price, now)
-            result = PlaceResult(
-                order_id=order_id,
-                state=State.CREATED.value,
-                idempotency_key=req.key or "",
+            result = self._result(req, price, self._insert_order(conn, req, price, now))
+            sql.INSERT_DONE_KEY(
+                conn,
                 customer=req.customer,
-                sku=req.sku,
-                quantity=req.quantity,
-                amount_cents=price * req.quantity,
-                replayed=False,
-                enqueued=False,
+                key=req.key,
+                fingerprint=req.fingerprint(),
+                order_id=result.order_id,
+                response=json.dumps(result.to_dict()),
+                now=now,
+                expires=now + self.settings.idempotency_ttl,
             )
+        return result
+
+    def _create(self, req: PlaceRequest, price: int) -> PlaceResult:
+        """Create the order for a key this request claimed on the slow path."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            result = self._result(req, price, self._insert_order(conn, req, price, now))
             k = models.idem_keys
             conn.execute(
                 update(k)
                 .where(and_(k.c.customer == req.customer, k.c.key == req.key))
-                .values(status="done", order_id=order_id, response=json.dumps(result.to_dict()))
+                .values(status="done", order_id=result.order_id, response=json.dumps(result.to_dict()))
             )
         return result
 

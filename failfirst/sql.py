@@ -92,3 +92,17 @@ TAKE_STOCK = Prepared(
 INSERT_RESERVATION = Prepared(
     "INSERT INTO reservations (order_id, sku, quantity, at) VALUES (:order_id, :sku, :quantity, :at)"
 )
+
+INSERT_ORDER = Prepared(
+    "INSERT INTO orders (customer, idempotency_key, sku, quantity, amount_cents, state, version, "
+    "attempts, round_attempts, replays, comp_attempts, created_at, updated_at) "
+    "VALUES (:customer, :key, :sku, :quantity, :amount, :state, 1, 0, 0, 0, 0, :now, :now) RETURNING id"
+)
+
+INSERT_OUTBOX = Prepared("INSERT INTO outbox (order_id, created_at) VALUES (:order_id, :now)")
+
+INSERT_DONE_KEY = Prepared(
+    "INSERT INTO idempotency_keys (customer, key, fingerprint, status, order_id, response, "
+    "locked_until, expires_at, created_at) "
+    "VALUES (:customer, :key, :fingerprint, 'done', :order_id, :response, :now, :expires, :now)"
+)
