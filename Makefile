@@ -24,8 +24,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check failfirst tests
 
+# Several minutes: every case beside its baseline. bench.json is replaced only by a complete run.
 bench: $(STAMP)
-	$(BIN)/failfirst bench --json > bench.json
+	$(BIN)/failfirst bench --json > bench.json.tmp || { rm -f bench.json.tmp; exit 1; }
+	mv bench.json.tmp bench.json
 	$(BIN)/failfirst bench --from bench.json
 
 clean:

@@ -67,7 +67,9 @@ def up() -> None:
 
     settings = config.load()
     if settings.redis_url:
-        typer.echo(f"REDIS_URL is set ({settings.redis_url}); nothing to start")
+        from failfirst.connections import describe_redis
+
+        typer.echo(f"REDIS_URL is set ({describe_redis(settings)}); nothing to start")
         return
     server = EmbeddedRedis(settings.home)
     started = server.start()
@@ -359,6 +361,42 @@ def dlq_cancel(
         typer.echo(line)
 
 
+# ---------------------------------------------------------------- watch
+
+
+@app.command()
+def watch(
+    interval: float = typer.Option(1.0, "--interval", min=0.1, help="Seconds between frames."),
+    run: str | None = typer.Option(
+        None, "--run", help="Watch a chaos run (directory name, unique prefix or `latest`) instead of the store."
+    ),
+    once: bool = typer.Option(False, "--once", help="Print one frame and exit."),
+    as_json: bool = typer.Option(False, "--json", help="Print one frame as JSON on stdout and exit."),
+) -> None:
+    """A live view of the lab: orders per state, transitions, DLQ, RQ and workers, throughput."""
+    from failfirst.dashboard import live, render
+    from failfirst.errors import UsageError
+    from failfirst.snapshot import resolve, take
+
+    source = resolve(run)
+    if once or as_json:
+        engine, redis = source.connect()
+        try:
+            snap = take(engine, redis, queue_name=source.queue)
+        finally:
+            redis.close()
+        if as_json:
+            emit_json({"source": source.label, **snap.to_dict()})
+        else:
+            out = console()
+            out.print(render(snap, None, out.width, title=source.label))
+        return
+    out = console()
+    if not out.is_terminal:
+        raise UsageError("the live view needs a terminal; use --once or --json for scripts")
+    live(source, interval=interval, console=out)
+
+
 # ---------------------------------------------------------------- chaos
 
 
@@ -382,11 +420,17 @@ def chaos_run(
     ambiguous: float | None = typer.Option(None, "--ambiguous"),
     latency_ms: float | None = typer.Option(None, "--latency-ms", min=0),
     jitter_ms: float | None = typer.Option(None, "--jitter-ms", min=0),
+    latency_storm: str | None = typer.Option(
+        None, "--latency-storm", help="MS@AT+SECONDS: calls take MS more from AT, for SECONDS."
+    ),
     kill_workers: float | None = typer.Option(None, "--kill-workers", min=0, help="SIGKILLs per second."),
     redis_outage: str | None = typer.Option(None, "--redis-outage", help="SECONDS@AT"),
     redis_flush: float | None = typer.Option(None, "--redis-flush", help="AT seconds"),
     duplicates: float | None = typer.Option(None, "--duplicates"),
     crash_at: list[str] = typer.Option([], "--crash-at", help="Crash point (repeatable)."),
+    inner_attempts: int | None = typer.Option(
+        None, "--inner-attempts", min=1, help="Tenacity attempts inside one delivery."
+    ),
     deadline: float | None = typer.Option(None, "--deadline", min=1),
     breaks: list[str] = typer.Option([], "--break", help="Remove one safeguard (repeatable)."),
     as_json: bool = JsonOpt,
@@ -403,8 +447,9 @@ def chaos_run(
         sc.load(scenario),
         orders=orders, workers=workers, seed=seed, payment_fail=payment_fail,
         inventory_fail=inventory_fail, ambiguous=ambiguous, latency_ms=latency_ms,
-        jitter_ms=jitter_ms, kill_workers=kill_workers, redis_outage=redis_outage,
-        redis_flush=redis_flush, duplicates=duplicates, deadline=deadline,
+        jitter_ms=jitter_ms, latency_storm=latency_storm, kill_workers=kill_workers,
+        redis_outage=redis_outage, redis_flush=redis_flush, duplicates=duplicates,
+        inner_attempts=inner_attempts, deadline=deadline,
         crash_at=tuple(crash_at) or None, breaks=tuple(breaks) or None,
     )
     progress = None
@@ -432,6 +477,44 @@ def chaos_run(
     else:
         console().print(render(report))
     if not report["ok"]:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- bench
+
+
+@app.command()
+def bench(
+    cases: list[str] = typer.Argument(
+        None, help="Cases to run (all by default): pipeline placement latency scaling cli check watch."
+    ),
+    repeat: int | None = typer.Option(
+        None, "--repeat", min=1, help="Runs per case, medians reported (default: 5 for cli and watch, 3 for placement, else 1)."
+    ),
+    from_file: str | None = typer.Option(None, "--from", help="Render a saved --json document instead of running."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Measure throughput, latency, scaling and start-up, each against a baseline run beside it."""
+    from failfirst import bench as bench_mod
+    from failfirst.errors import UsageError
+
+    if from_file is not None:
+        from pathlib import Path
+
+        try:
+            doc = json.loads(Path(from_file).read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read bench document {from_file}: {exc}") from None
+    else:
+        doc = bench_mod.run(cases or [], repeat, say=lambda msg: sys.stderr.write(f"bench: {msg}\n"))
+    if as_json:
+        emit_json(doc)
+    else:
+        out = console()
+        if not out.is_terminal:
+            out.width = 120  # a file or pipe has no width; keep each row on one line
+        out.print(bench_mod.render(doc))
+    if doc.get("errors"):
         raise typer.Exit(1)
 
 
