@@ -58,6 +58,12 @@ class FaultConfig:
     call_timeout_ms: float = 2000.0
     seed: int = 0
     ambiguous_first_attempt_only: bool = False
+    storm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def storm_delay(self, now: float) -> float:
+        """Extra seconds a call takes now: a latency storm is (ms, from, until) in epoch seconds."""
+        ms, start, until = self.storm
+        return ms / 1000 if ms and start <= now < until else 0.0
 
     @classmethod
     def from_env(cls) -> FaultConfig:
@@ -72,7 +78,18 @@ class FaultConfig:
             call_timeout_ms=_float("FAILFIRST_CALL_TIMEOUT_MS", 2000.0, 1),
             seed=_int("FAILFIRST_SEED", 0),
             ambiguous_first_attempt_only=_env("FAILFIRST_AMBIGUOUS_FIRST_ONLY", "0") == "1",
+            storm=_storm(_env("FAILFIRST_STORM", "")),
         )
+
+
+def _storm(raw: str) -> tuple[float, float, float]:
+    if not raw:
+        return (0.0, 0.0, 0.0)
+    try:
+        ms, start, until = (float(part) for part in raw.split(","))
+    except ValueError:
+        raise ConfigError(f"FAILFIRST_STORM={raw!r} must be MS,FROM,UNTIL (epoch seconds)") from None
+    return (ms, start, until)
 
 
 @dataclass(frozen=True)
@@ -203,6 +220,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "FAILFIRST_CALL_TIMEOUT_MS": str(f.call_timeout_ms),
         "FAILFIRST_SEED": str(f.seed),
         "FAILFIRST_AMBIGUOUS_FIRST_ONLY": "1" if f.ambiguous_first_attempt_only else "0",
+        "FAILFIRST_STORM": ",".join(repr(v) for v in f.storm) if f.storm[0] else "",
         "FAILFIRST_INNER_ATTEMPTS": str(r.inner_attempts),
         "FAILFIRST_INNER_BASE": str(r.inner_base),
         "FAILFIRST_INNER_CAP": str(r.inner_cap),

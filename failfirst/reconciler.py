@@ -8,6 +8,13 @@ its current job id, so a pass that races another reconciler collapses into one
 job, and a duplicate delivery is refused by the lease anyway. A retry still
 "scheduled" in RQ after its due time is enqueued directly: after a Redis restart
 the scheduler lock of the previous scheduler can hold for a minute.
+
+A job marked "queued" is not always waiting: RQ workers move a job from the
+queue to an intermediate list before marking it started, and a worker killed
+between the two leaves it there, still "queued", until RQ's own clean-up a
+minute or more later. A queued job that is not in the queue list is noted in
+Redis the first time a pass sees it (so every reconciler, on any host, shares
+the note); seen again after STUCK_GRACE it is taken as lost and enqueued anew.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ if TYPE_CHECKING:
 NEW_ORDER_GRACE = 1.0
 RETRY_GRACE = 1.0
 BATCH = 500
+STUCK_GRACE = 2.0
+STUCK_NOTE = "failfirst:stuck:{}"
 
 
 @dataclass
@@ -74,8 +83,10 @@ def reconcile(engine: Engine, redis: Redis, queue: Queue, now: float | None = No
         for row, tag in zip(rows, tags, strict=True):
             pipe.hmget(f"rq:job:{job_id(row.id, tag)}", "status", "started_at")
         states = pipe.execute()
+    queued = [job_id(r.id, t) for r, t, (s, _) in zip(rows, tags, states, strict=True) if s == b"queued"]
+    stuck = _stuck_jobs(redis, queue, queued, now)
     for row, tag, (status, _started) in zip(rows, tags, states, strict=True):
-        if status in (b"queued", b"deferred"):
+        if status == b"deferred" or (status == b"queued" and job_id(row.id, tag) not in stuck):
             continue
         if status == b"scheduled" and row.next_attempt_at is None:
             continue
@@ -89,6 +100,29 @@ def reconcile(engine: Engine, redis: Redis, queue: Queue, now: float | None = No
         enqueue_order(queue, row.id, tag)
         (report.redriven if row.lease_owner or status else report.enqueued).append(row.id)
     return report
+
+
+def _stuck_jobs(redis: Redis, queue: Queue, queued: list[str], now: float) -> set[str]:
+    """The jobs among `queued` (status "queued") that no worker will ever pop; see the module docstring."""
+    if not queued:
+        return set()
+    waiting = {raw.decode() for raw in redis.lrange(queue.key, 0, -1)}
+    suspects = [jid for jid in queued if jid not in waiting]
+    if not suspects:
+        return set()
+    with redis.pipeline(transaction=False) as pipe:
+        for jid in suspects:
+            pipe.set(STUCK_NOTE.format(jid), now, nx=True, ex=60)
+            pipe.get(STUCK_NOTE.format(jid))
+        notes = pipe.execute()[1::2]
+    stuck = {jid for jid, seen in zip(suspects, notes, strict=True) if seen and now - float(seen) >= STUCK_GRACE}
+    if stuck:
+        with redis.pipeline(transaction=False) as pipe:
+            for jid in stuck:
+                pipe.lrem(queue.intermediate_queue_key, 0, jid)
+                pipe.delete(STUCK_NOTE.format(jid))
+            pipe.execute()
+    return stuck
 
 
 def _started_recently(started_at: bytes | None, now: float, window: float = 5.0) -> bool:

@@ -12,6 +12,7 @@ seed alone and not on which worker ran it or when.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import time
@@ -97,7 +98,7 @@ class Simulator:
         f = self.faults
         rng = draw(f.seed, identity(order), step)
         return Call(
-            latency=(f.latency_ms + rng.random() * f.jitter_ms) / 1000,
+            latency=(f.latency_ms + rng.random() * f.jitter_ms) / 1000 + f.storm_delay(time.time()),
             hang=rng.random() < f.hang,
             fail=rng.random(),
             kind=rng.random(),
@@ -155,8 +156,10 @@ class PaymentProvider(Simulator):
         if call.fail < self.faults.payment_fail:
             raise (ProviderTimeout if call.kind < 0.5 else GatewayError)("refund failed")
         ch, rf = models.charges, models.refunds
-        done = 0
-        with self.engine.begin() as conn:
+        refunded = 0
+        # The unique charge_id of refunds settles a race between two calls: the
+        # loser (on PostgreSQL it waits for the winner's commit) refunds nothing.
+        with contextlib.suppress(IntegrityError), self.engine.begin() as conn:
             pending = conn.execute(
                 select(ch.c.id, ch.c.amount_cents)
                 .select_from(ch.outerjoin(rf, rf.c.charge_id == ch.c.id))
@@ -168,8 +171,8 @@ class PaymentProvider(Simulator):
                         charge_id=charge_id, order_id=order.id, amount_cents=amount, at=time.time()
                     )
                 )
-                done += 1
-        return done
+            refunded = len(pending)
+        return refunded
 
 
 class InventoryProvider(Simulator):
@@ -178,7 +181,10 @@ class InventoryProvider(Simulator):
     def reserve(self, order: OrderView, step: str) -> None:
         call = self._call(order, step)
         self._wait(call)
-        with self.engine.begin() as conn:
+        # A concurrent call for this order that reserved first makes our insert fail on
+        # the unique order_id (on PostgreSQL after waiting for its commit); our stock
+        # take rolls back with it and the order is reserved once.
+        with contextlib.suppress(IntegrityError), self.engine.begin() as conn:
             if sql.FIND_RESERVATION(conn, order_id=order.id).first():
                 return
             if call.fail < self.faults.inventory_fail:
@@ -193,7 +199,9 @@ class InventoryProvider(Simulator):
     def release(self, order: OrderView) -> bool:
         """Return the order's reserved units to stock, once; False when nothing was held."""
         rs, rl, p = models.reservations, models.releases, models.products
-        with self.engine.begin() as conn:
+        released = False
+        # As in `reserve`: the unique order_id of releases lets only one racing call return the stock.
+        with contextlib.suppress(IntegrityError), self.engine.begin() as conn:
             held = conn.execute(
                 select(rs.c.sku, rs.c.quantity).where(rs.c.order_id == order.id)
             ).first()
@@ -205,4 +213,5 @@ class InventoryProvider(Simulator):
                 insert(rl).values(order_id=order.id, sku=held.sku, quantity=held.quantity, at=time.time())
             )
             conn.execute(update(p).where(p.c.sku == held.sku).values(stock=p.c.stock + held.quantity))
-        return True
+            released = True
+        return released

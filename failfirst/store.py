@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, func, insert, inspect, select
-from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError, ProgrammingError
 from sqlmodel import SQLModel
 
 from failfirst import models
@@ -38,6 +38,51 @@ _lock = threading.Lock()
 
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
+
+
+def is_postgres(url: str) -> bool:
+    return url.startswith("postgresql")
+
+
+def with_schema(url: str, schema: str) -> str:
+    """`url` with every connection's search_path set to `schema` (PostgreSQL).
+
+    The schema goes into libpq's `options`, so worker processes that receive
+    the URL through the environment land in the same schema without any code
+    of their own; a `-c` given later overrides one already in the URL.
+    """
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    options = parsed.query.get("options", "")
+    if isinstance(options, tuple):
+        options = " ".join(options)
+    setting = f"-csearch_path={schema}"
+    new = parsed.update_query_dict({"options": f"{options} {setting}".strip()})
+    return new.render_as_string(hide_password=False)
+
+
+def create_schema(url: str, schema: str) -> None:
+    """Create an empty PostgreSQL schema (a chaos run's or a test's private store)."""
+    _admin(url, f'CREATE SCHEMA "{schema}"')
+
+
+def drop_schema(url: str, schema: str) -> None:
+    """Drop a schema made by `create_schema`, with everything in it."""
+    _admin(url, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def _admin(url: str, statement: str) -> None:
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(statement)
+    except OperationalError as exc:
+        raise StoreError(_explain(url, exc)) from None
+    finally:
+        engine.dispose()
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -93,6 +138,14 @@ def get_engine(url: str, *, readonly: bool = False) -> Engine:
                 engine = create_engine(url, pool_size=5, max_overflow=10, pool_pre_ping=True)
             _engines[key] = engine
     return engine
+
+
+def dispose(url: str) -> None:
+    """Close this process's engines for one URL (a chaos run's store, once it is dropped)."""
+    with _lock:
+        for key in [k for k in _engines if k[0] == url]:
+            _engines.pop(key).dispose()
+        _ready.discard(url)
 
 
 def dispose_all() -> None:
@@ -180,7 +233,9 @@ def _prepare(engine: Engine, url: str, *, create: bool, seed: bool) -> None:
             if seed:
                 seed_catalogue(engine)
             return
-        except (IntegrityError, OperationalError) as exc:
+        except (IntegrityError, OperationalError, ProgrammingError) as exc:
+            # Another process created the schema at the same moment (PostgreSQL
+            # reports DuplicateTable as a ProgrammingError): look again.
             if "already exists" not in str(exc) and "UNIQUE" not in str(exc).upper():
                 raise
             if attempt == 2:

@@ -2,11 +2,17 @@
 
 Every test gets its own FAILFIRST_HOME, so its own SQLite file and its own
 embedded redis-server; every process a test starts is stopped by PID at teardown.
+
+The same suite runs against servers when FAILFIRST_TEST_DATABASE_URL (PostgreSQL)
+and/or FAILFIRST_TEST_REDIS_URL are set: each test then gets a fresh schema of
+its own in that database, dropped at teardown, and the Redis database named by
+the URL is flushed before and after each test (tests run one at a time).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +21,28 @@ import pytest
 
 from failfirst import config, connections, pipeline, store
 from failfirst.embedded import EmbeddedRedis
+
+# Read once, before the `home` fixture clears every FAILFIRST_* variable.
+TEST_DATABASE_URL = os.environ.get("FAILFIRST_TEST_DATABASE_URL") or None
+TEST_REDIS_URL = os.environ.get("FAILFIRST_TEST_REDIS_URL") or None
+if TEST_DATABASE_URL is not None and not store.is_postgres(TEST_DATABASE_URL):
+    raise pytest.UsageError(
+        "FAILFIRST_TEST_DATABASE_URL must be a PostgreSQL URL (postgresql+psycopg://...): "
+        "each test gets a schema of its own in it"
+    )
+
+needs_embedded_redis = pytest.mark.skipif(
+    TEST_REDIS_URL is not None,
+    reason="about the embedded redis-server; FAILFIRST_TEST_REDIS_URL points the suite at a server",
+)
+needs_sqlite = pytest.mark.skipif(
+    TEST_DATABASE_URL is not None,
+    reason="about the SQLite file; FAILFIRST_TEST_DATABASE_URL points the suite at a server",
+)
+needs_servers = pytest.mark.skipif(
+    TEST_DATABASE_URL is None or TEST_REDIS_URL is None,
+    reason="needs FAILFIRST_TEST_DATABASE_URL (PostgreSQL) and FAILFIRST_TEST_REDIS_URL",
+)
 
 FAST = {
     "FAILFIRST_RETRY_BASE": "0.02",
@@ -51,6 +79,13 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.delenv("REDIS_URL", raising=False)
     for name, value in FAST.items():
         monkeypatch.setenv(name, value)
+    schema = f"ff_test_{secrets.token_hex(6)}"
+    if TEST_DATABASE_URL:
+        store.create_schema(TEST_DATABASE_URL, schema)
+        monkeypatch.setenv("FAILFIRST_DATABASE_URL", store.with_schema(TEST_DATABASE_URL, schema))
+    if TEST_REDIS_URL:
+        monkeypatch.setenv("REDIS_URL", TEST_REDIS_URL)
+        _flush(TEST_REDIS_URL)
     store.dispose_all()
     connections.reset_clients()
     pipeline.set_context(None)
@@ -59,6 +94,18 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     connections.reset_clients()
     store.dispose_all()
     EmbeddedRedis(data).stop()
+    if TEST_DATABASE_URL:
+        store.drop_schema(TEST_DATABASE_URL, schema)
+    if TEST_REDIS_URL:
+        _flush(TEST_REDIS_URL)
+
+
+def _flush(url: str) -> None:
+    """Empty the test Redis database (only the one the URL names, never the whole server)."""
+    from redis import Redis
+
+    with Redis.from_url(url, socket_timeout=5) as client:
+        client.flushdb()
 
 
 @pytest.fixture

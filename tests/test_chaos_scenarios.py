@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import needs_embedded_redis
+
 Z99 = 2.576
 
 
@@ -115,6 +117,7 @@ def test_redis_flush_scenario_passes(home: Path) -> None:
     assert "redis-flush" in {f["kind"] for f in report["faults"]}
 
 
+@needs_embedded_redis  # failfirst never stops a server it did not start
 def test_redis_outage_and_flush_scenarios_pass(home: Path) -> None:
     out, report = run_json("redis-outage", "--orders", "100")
     assert out.returncode == 0, failed_verdicts(report)
@@ -124,3 +127,28 @@ def test_redis_outage_and_flush_scenarios_pass(home: Path) -> None:
     assert out.returncode == 0, failed_verdicts(report)
     kinds = {f["kind"] for f in report["faults"]}
     assert "redis-flush" in kinds, kinds
+
+
+def test_latency_storm_slows_provider_calls_and_is_logged_with_its_window(home: Path) -> None:
+    args = ("demo", "--orders", "80", "--payment-fail", "0", "--inventory-fail", "0", "--seed", "9")
+    calm_out, calm = run_json(*args)
+    out, report = run_json(*args, "--latency-storm", "200@0+1.5")
+    assert calm_out.returncode == 0 and out.returncode == 0, failed_verdicts(report)
+    kinds = [f["kind"] for f in report["faults"]]
+    assert kinds.index("latency-storm") < kinds.index("latency-storm-end")
+    assert "latency-storm" not in [f["kind"] for f in calm["faults"]]
+    # An order charged during the storm waited 200 ms on each of its two provider calls.
+    assert report["latency_ms"]["max"] >= 400
+    assert calm["latency_ms"]["p50"] < report["latency_ms"]["p50"]
+
+
+def test_failing_run_prints_a_replay_command_with_every_override(home: Path) -> None:
+    out, report = run_json(
+        "break-locking", "--orders", "40", "--payment-fail", "0.2", "--inner-attempts", "1",
+        "--break", "locking",
+    )
+    assert out.returncode == 1
+    replay = report["replay"]
+    for part in ("break-locking", "--seed", "--orders 40", "--payment-fail 0.2", "--inner-attempts 1",
+                 "--break locking"):
+        assert part in replay, replay

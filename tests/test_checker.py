@@ -274,13 +274,14 @@ def test_duplicate_order_for_one_key_fails_invariant_5(lab: Lab) -> None:
     replay = lab.gateway.place(PlaceRequest("alice", "KB-101", 1, "same"))
     assert replay.replayed and replay.order_id == first.id
     # What a broken gateway would do: a second order row under the same key.
-    dup = lab.gateway._create(PlaceRequest("alice", "KB-101", 1, "same"), 8900)
-    lab.move(lab.get(dup.order_id), State.CANCELLED)
+    with lab.engine.begin() as conn:
+        dup_id = lab.gateway._insert_order(conn, PlaceRequest("alice", "KB-101", 1, "same"), 8900, time.time())
+    lab.move(lab.get(dup_id), State.CANCELLED)
 
     report = check_store(lab.engine)
 
     assert failing(report) == {5}
-    assert offender_ids(report, 5) == [first.id, dup.order_id]
+    assert offender_ids(report, 5) == [first.id, dup_id]
 
 
 def test_dead_lettered_order_without_dlq_row_fails_invariant_6(lab: Lab) -> None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import TEST_DATABASE_URL, TEST_REDIS_URL, needs_sqlite
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.pool import NullPool
+
+from failfirst import store
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -21,17 +25,20 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 def db_counts(home: Path) -> tuple[int, int, int]:
     """(orders, idempotency keys, outbox rows); zeros when no database was created."""
-    db = home / "failfirst.db"
-    if not db.exists():
+    url = os.environ.get("FAILFIRST_DATABASE_URL") or f"sqlite:///{home / 'failfirst.db'}"
+    if store.is_sqlite(url) and not (home / "failfirst.db").exists():
         return 0, 0, 0
-    with sqlite3.connect(db) as conn:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "orders" not in tables:
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        if "orders" not in inspect(engine).get_table_names():
             return 0, 0, 0
-        return tuple(  # type: ignore[return-value]
-            conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-            for t in ("orders", "idempotency_keys", "outbox")
-        )
+        with engine.connect() as conn:
+            return tuple(  # type: ignore[return-value]
+                conn.exec_driver_sql(f"SELECT count(*) FROM {t}").scalar_one()
+                for t in ("orders", "idempotency_keys", "outbox")
+            )
+    finally:
+        engine.dispose()
 
 
 def assert_one_line_failure(out: subprocess.CompletedProcess[str], code: int | None = None) -> str:
@@ -93,6 +100,10 @@ def test_unreachable_redis_is_one_line_and_no_order(home: Path) -> None:
     assert db_counts(home) == (0, 0, 0)
 
 
+@pytest.mark.skipif(
+    TEST_DATABASE_URL is not None and TEST_REDIS_URL is not None,
+    reason="with a database server and a Redis server nothing is written to the data directory",
+)
 def test_unwritable_data_directory_is_one_line(tmp_path: Path, home: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_bytes(b"not a directory")
@@ -103,6 +114,7 @@ def test_unwritable_data_directory_is_one_line(tmp_path: Path, home: Path) -> No
     assert not home.exists() or db_counts(home) == (0, 0, 0)
 
 
+@needs_sqlite
 def test_corrupt_database_is_one_line_and_left_alone(home: Path) -> None:
     home.mkdir(parents=True)
     garbage = bytes(range(256)) * 64

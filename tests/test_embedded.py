@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import wait_until
+from conftest import needs_embedded_redis, wait_until
 
 from failfirst.embedded import EmbeddedRedis
+
+pytestmark = needs_embedded_redis
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -23,9 +23,11 @@ def render(report: dict[str, Any]) -> Any:
     head.add_row("scenario", f"{report['scenario']}: {report['description']}")
     head.add_row("seed", str(report["seed"]))
     p = report["parameters"]
+    head.add_row("backend", f"{report.get('store', '?')} · Redis {report.get('redis', '?')}")
+    workers = f"{p.get('hosts')} hosts x {p['workers']} workers" if p.get("hosts") else f"{p['workers']} workers"
     head.add_row(
         "load",
-        f"{report['orders']} orders ({report['keys_submitted']} keys), {p['workers']} workers, "
+        f"{report['orders']} orders ({report['keys_submitted']} keys), {workers}, "
         f"{report['elapsed_s']}s, {report['throughput_per_s']} orders/s",
     )
     head.add_row(

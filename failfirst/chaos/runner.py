@@ -1,27 +1,34 @@
 """One chaos run: a fresh store and Redis, workers, load, faults, then the verdict.
 
 Each run lives in its own directory under `<home>/runs/`, with its own SQLite
-file and its own embedded redis-server (or its own database number on a Redis
-server), so runs never see each other's orders or the user's.
+file and its own embedded redis-server, so runs never see each other's orders
+or the user's. When FAILFIRST_DATABASE_URL names PostgreSQL the run's store is a
+schema of its own in that database instead, dropped when the run ends; with
+REDIS_URL the run uses that server's database, flushed before and after.
+The per-key final states are kept in the run directory either way, so two runs
+of one seed can be compared after their stores are gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import shlex
 import statistics
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 
 from failfirst import config, models, store
-from failfirst.chaos.scenario import Scenario, parse_outage
+from failfirst.chaos.hosts import RESTART_DELAY, Hosts
+from failfirst.chaos.scenario import Scenario, parse_outage, parse_storm
+from failfirst.chaos.scenario import load as load_scenario
 from failfirst.config import Breaks, FaultConfig, RetryConfig, Settings
 from failfirst.embedded import EmbeddedRedis
 from failfirst.states import SETTLED, State
@@ -72,11 +79,30 @@ def run_settings(scn: Scenario, home: Path, redis_url: str | None, db_url: str |
     )
 
 
+FLAGS = (
+    "orders", "workers", "payment_fail", "inventory_fail", "ambiguous", "latency_ms", "jitter_ms",
+    "latency_storm", "kill_workers", "redis_outage", "redis_flush", "duplicates", "inner_attempts",
+    "deadline",
+)
+
+
 def replay_command(scn: Scenario, source: str) -> str:
-    parts = ["failfirst", "chaos", "run", source, "--seed", str(scn.seed), "--orders", str(scn.orders),
-             "--workers", str(scn.workers)]
-    for name in scn.breaks:
-        parts += ["--break", name]
+    """The command that reruns `scn`: the source, the seed, and every flag that changed it."""
+    try:
+        base = load_scenario(source)
+    except Exception:
+        base = Scenario()
+    parts = ["failfirst", "chaos", "run", source, "--seed", str(scn.seed)]
+    for name in FLAGS:
+        value = getattr(scn, name)
+        if value != getattr(base, name):
+            parts += [f"--{name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+    if scn.crash_at != base.crash_at:
+        for point in scn.crash_at:
+            parts += ["--crash-at", point]
+    if scn.breaks != base.breaks:
+        for name in scn.breaks:
+            parts += ["--break", name]
     return shlex.join(parts)
 
 
@@ -87,21 +113,31 @@ class ChaosRun:
         self.progress = progress
         base = config.load()
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.dir = base.home / "runs" / f"{stamp}-{scn.name}-{scn.seed}-{random.randrange(1 << 16):04x}"
+        token = f"{random.randrange(1 << 16):04x}"
+        self.dir = base.home / "runs" / f"{stamp}-{scn.name}-{scn.seed}-{token}"
         self.dir.mkdir(parents=True, exist_ok=True)
         redis_url = None
         if base.redis_url:
             redis_url = base.redis_url
         self.external_redis = redis_url is not None
-        self.settings = run_settings(scn, self.dir, redis_url, None)
+        self.base_db_url = base.database_url
+        self.schema: str | None = None
+        db_url = None
+        if store.is_postgres(base.database_url):
+            self.schema = f"ff_run_{stamp.replace('-', '_')}_{token}"
+            db_url = store.with_schema(base.database_url, self.schema)
+        self.settings = run_settings(scn, self.dir, redis_url, db_url)
         self.log = FaultLog()
         self.placed: dict[str, int] = {}
         self.duplicates_answered: list[tuple[str, int, int]] = []
         self.kills: list[dict[str, Any]] = []
         self.stop_faults = threading.Event()
+        self.pool: Any = None
 
     # ------------------------------------------------------------ set-up
     def prepare(self) -> None:
+        if self.schema is not None:
+            store.create_schema(self.base_db_url, self.schema)
         engine = store.open_store(self.settings.database_url, seed=False)
         store.seed_catalogue(
             engine,
@@ -184,11 +220,15 @@ class ChaosRun:
         t0 = time.monotonic()
         outage = parse_outage(scn.redis_outage) if scn.redis_outage else None
         outage_done = flush_done = False
+        storm = parse_storm(scn.latency_storm) if scn.latency_storm else None
+        storm_state = 0
         rng = random.Random(scn.seed * 31 + 7)
         next_kill = t0 + (rng.expovariate(scn.kill_workers) if scn.kill_workers else 1e18)
         while not self.stop_faults.wait(0.02):
             now = time.monotonic()
             elapsed = now - t0
+            if isinstance(sup, Hosts):
+                sup.tick()
             if scn.kill_workers and now >= next_kill:
                 pids = sup.pids()
                 if pids:
@@ -196,11 +236,20 @@ class ChaosRun:
                     import signal
 
                     pid = rng.choice(pids)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+                    if isinstance(sup, Hosts):
+                        host = sup.kill(pid)
+                        self.log.add(
+                            "kill-host", f"SIGKILL process group {pid} ({host}), back in {RESTART_DELAY:g}s"
+                        )
+                    else:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                        self.log.add("kill-worker", f"SIGKILL worker {pid}")
                     self.kills.append({"t": round(elapsed, 3), "pid": pid})
-                    self.log.add("kill-worker", f"SIGKILL worker {pid}")
                 next_kill = now + rng.expovariate(scn.kill_workers)
+            if outage and not outage_done and elapsed >= outage[1] and self.external_redis:
+                outage_done = True
+                self.log.add("redis-outage-skipped", "REDIS_URL names a server failfirst did not start")
             if outage and not outage_done and elapsed >= outage[1] and not self.external_redis:
                 outage_done = True
                 server = EmbeddedRedis(self.dir)
@@ -211,6 +260,12 @@ class ChaosRun:
                     return
                 server.start()
                 self.log.add("redis-up", "redis restarted")
+            if storm and storm_state == 0 and elapsed >= storm[1]:
+                storm_state = 1
+                self.log.add("latency-storm", f"every provider call +{storm[0]:g} ms for {storm[2]:g}s")
+            if storm and storm_state == 1 and elapsed >= storm[1] + storm[2]:
+                storm_state = 2
+                self.log.add("latency-storm-end", "provider latency back to normal")
             if scn.redis_flush >= 0 and not flush_done and elapsed >= scn.redis_flush:
                 flush_done = True
                 with contextlib.suppress(Exception):
@@ -235,15 +290,41 @@ class ChaosRun:
 
     # ------------------------------------------------------------ the run
     def execute(self) -> dict[str, Any]:
+        """Run the experiment; its workers stop and its schema (PostgreSQL) is dropped however it ends.
+
+        Hosts run in sessions of their own, so nothing would stop them if the run
+        died of an exception or Ctrl-C; stopping twice is harmless.
+        """
+        try:
+            return self._execute()
+        finally:
+            self.stop_faults.set()
+            if self.pool is not None:
+                self.pool.stop()
+            if self.schema is not None:
+                store.dispose(self.settings.database_url)
+                store.drop_schema(self.base_db_url, self.schema)
+
+    def workers(self) -> Any:
+        """The in-process supervisor, or with `hosts` that many independent `failfirst worker` groups."""
         from failfirst.supervisor import Supervisor
 
+        if self.scn.hosts:
+            from failfirst.connections import redis_url
+
+            url = redis_url(self.settings, start=False)
+            return Hosts(self.settings, self.scn.hosts, self.scn.workers, self.dir, url)
+        return Supervisor(self.settings, count=self.scn.workers)
+
+    def _execute(self) -> dict[str, Any]:
         self.prepare()
-        restarts: list[float] = []
-        sup = Supervisor(
-            self.settings, count=self.scn.workers,
-            on_event=lambda ev: restarts.append(ev.at) if ev.kind == "started" else None,
-        )
         started = time.time()
+        self.log.started = started
+        if self.scn.latency_storm:
+            ms, at, seconds = parse_storm(self.scn.latency_storm)
+            faults = replace(self.settings.faults, storm=(ms, started + at, started + at + seconds))
+            self.settings = replace(self.settings, faults=faults)
+        sup = self.pool = self.workers()
         sup.start()
         fault_thread = threading.Thread(target=self.inject, args=(sup,), daemon=True)
         fault_thread.start()
@@ -266,6 +347,7 @@ class ChaosRun:
         sup.stop()
         elapsed = time.time() - started
         report = self.report(elapsed, timeline, sup)
+        self.keep_final_states()
         if not self.external_redis:
             EmbeddedRedis(self.dir).stop()
         else:
@@ -273,8 +355,16 @@ class ChaosRun:
                 self.redis.flushdb()
         return report
 
+    def keep_final_states(self) -> None:
+        """Write `final-states.json` (idempotency key -> final state) into the run directory."""
+        o = models.orders
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(o.c.idempotency_key, o.c.state).order_by(o.c.idempotency_key)).all()
+        (self.dir / "final-states.json").write_text(json.dumps(dict(rows), indent=0) + "\n")
+
     def report(self, elapsed: float, timeline: list[dict[str, Any]], sup: Any) -> dict[str, Any]:
         from failfirst.checker import check_store, liveness
+        from failfirst.connections import describe_redis
 
         o = models.orders
         with self.engine.connect() as conn:
@@ -326,6 +416,8 @@ class ChaosRun:
             "parameters": self.scn.params(),
             "seed": self.scn.seed,
             "run_dir": str(self.dir),
+            "store": store.describe(self.settings.database_url),
+            "redis": describe_redis(self.settings),
             "orders": n,
             "keys_submitted": len(self.placed),
             "elapsed_s": round(elapsed, 2),

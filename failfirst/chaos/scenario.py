@@ -20,6 +20,9 @@ class Scenario:
     description: str = ""
     orders: int = 200
     workers: int = 2
+    # 0: one in-process supervisor runs `workers`. N: N independent `failfirst worker`
+    # process groups (separate data directories) of `workers` each, killed whole.
+    hosts: int = 0
     seed: int = 1
     deadline: float = 60.0
     stock: int = 100000
@@ -36,6 +39,7 @@ class Scenario:
     call_timeout_ms: float = 500.0
     kill_workers: float = 0.0
     redis_outage: str = ""
+    latency_storm: str = ""
     redis_flush: float = -1.0
     crash_at: tuple[str, ...] = ()
     crash_rate: float = 0.2
@@ -58,6 +62,7 @@ RATES = {
     "crash_rate", "min_completed", "max_dead_lettered",
 }
 SECTIONS = ("load", "faults", "policies", "thresholds")
+MAX_HOSTS = 16
 
 
 def scenario_dirs() -> list[Path]:
@@ -159,8 +164,12 @@ def validate(s: Scenario, where: str = "flags") -> None:
             raise ConfigError(f"{where}: safeguard {name!r} unknown; use {', '.join(Breaks.NAMES)}")
     if s.redis_outage:
         parse_outage(s.redis_outage, where)
+    if s.latency_storm:
+        parse_storm(s.latency_storm, where)
     if s.orders < 1 or s.workers < 1:
         raise ConfigError(f"{where}: orders and workers must be at least 1")
+    if s.hosts > MAX_HOSTS:
+        raise ConfigError(f"{where}: hosts {s.hosts} is more than {MAX_HOSTS}; use 0 (one supervisor) to {MAX_HOSTS}")
 
 
 def parse_outage(text: str, where: str = "flags") -> tuple[float, float]:
@@ -169,6 +178,21 @@ def parse_outage(text: str, where: str = "flags") -> tuple[float, float]:
         return float(seconds), float(at)
     except ValueError:
         raise ConfigError(f"{where}: redis outage {text!r} must look like SECONDS@AT, e.g. 2@3") from None
+
+
+def parse_storm(text: str, where: str = "flags") -> tuple[float, float, float]:
+    """`MS@AT+SECONDS`: from AT seconds into the run, for SECONDS, every provider call takes MS more."""
+    try:
+        ms, rest = text.split("@")
+        at, seconds = rest.split("+")
+        parsed = float(ms), float(at), float(seconds)
+    except ValueError:
+        raise ConfigError(
+            f"{where}: latency storm {text!r} must look like MS@AT+SECONDS, e.g. 300@4+3"
+        ) from None
+    if min(parsed) < 0:
+        raise ConfigError(f"{where}: latency storm {text!r} has a negative part")
+    return parsed
 
 
 def override(s: Scenario, **changes: Any) -> Scenario:
