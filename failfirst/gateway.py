@@ -19,7 +19,7 @@ import hashlib
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, and_, delete, insert, select, update
@@ -67,7 +67,8 @@ class PlaceResult:
     enqueued: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Flat fields: a shallow copy, not asdict's recursive deep copy (placement's hot path).
+        return dict(self.__dict__)
 
 
 def validate(req: PlaceRequest) -> None:
@@ -102,6 +103,10 @@ def parse_quantity(raw: str) -> int:
     if not 1 <= value <= MAX_QUANTITY:
         raise ValidationError(f"quantity {value} is out of range; use 1..{MAX_QUANTITY}")
     return value
+
+
+class ClaimLost(Exception):
+    """Our claim on a key expired and another request took it over; nothing was written."""
 
 
 class Gateway:
@@ -150,26 +155,31 @@ class Gateway:
             pass
         deadline = time.monotonic() + wait
         while True:
-            owned, replay = self._claim(req)
+            lock, replay = self._claim(req)
             if replay is not None:
                 return replay
-            if owned:
-                break
+            if lock is not None:
+                try:
+                    return self._enqueue(self._create(req, price, lock))
+                except ClaimLost:
+                    continue
+                except BaseException:
+                    self._release(req, lock)
+                    raise
             if time.monotonic() >= deadline:
                 raise RequestInProgress(
                     f"a request with key {req.key!r} is still in progress; retry shortly"
                 )
             time.sleep(0.02)
-        try:
-            result = self._create(req, price)
-        except BaseException:
-            self._release(req)
-            raise
-        return self._enqueue(result)
 
-    def _claim(self, req: PlaceRequest) -> tuple[bool, PlaceResult | None]:
-        """Try to own the key: (owned, None), (False, replayed answer) or (False, None) to wait."""
+    def _claim(self, req: PlaceRequest) -> tuple[float | None, PlaceResult | None]:
+        """Try to own the key: (lock, None), (None, replayed answer) or (None, None) to wait.
+
+        The lock is the claim's `locked_until`; it fences the claim, so a request
+        whose lock expired and was taken over can no longer finish the key.
+        """
         now = time.time()
+        lock = now + self.settings.idempotency_lock
         k = models.idem_keys
         try:
             with self.engine.begin() as conn:
@@ -179,12 +189,12 @@ class Gateway:
                         key=req.key,
                         fingerprint=req.fingerprint(),
                         status="in_progress",
-                        locked_until=now + self.settings.idempotency_lock,
+                        locked_until=lock,
                         expires_at=now + self.settings.idempotency_ttl,
                         created_at=now,
                     )
                 )
-            return True, None
+            return lock, None
         except IntegrityError:
             pass
         with self.engine.begin() as conn:
@@ -192,23 +202,23 @@ class Gateway:
                 select(k).where(and_(k.c.customer == req.customer, k.c.key == req.key))
             ).first()
             if row is None:
-                return False, None
+                return None, None
             if row.expires_at <= now:
                 conn.execute(
                     delete(k).where(
                         and_(k.c.customer == req.customer, k.c.key == req.key, k.c.expires_at <= now)
                     )
                 )
-                return False, None
+                return None, None
             if row.fingerprint != req.fingerprint():
                 raise IdempotencyConflict(
                     f"idempotency key {req.key!r} was already used by customer {req.customer!r} "
                     "with a different request; use a new key"
                 )
             if row.status == "done":
-                return False, PlaceResult(**{**json.loads(row.response), "replayed": True})
+                return None, PlaceResult(**{**json.loads(row.response), "replayed": True})
             if row.locked_until > now:
-                return False, None
+                return None, None
             taken = conn.execute(
                 update(k)
                 .where(
@@ -219,16 +229,22 @@ class Gateway:
                         k.c.locked_until == row.locked_until,
                     )
                 )
-                .values(locked_until=now + self.settings.idempotency_lock)
+                .values(locked_until=lock)
             )
-        return taken.rowcount == 1, None
+        return (lock if taken.rowcount == 1 else None), None
 
-    def _release(self, req: PlaceRequest) -> None:
+    def _release(self, req: PlaceRequest, lock: float) -> None:
+        """Give up our claim (only ours: a takeover's claim has another lock)."""
         k = models.idem_keys
         with self.engine.begin() as conn:
             conn.execute(
                 delete(k).where(
-                    and_(k.c.customer == req.customer, k.c.key == req.key, k.c.status == "in_progress")
+                    and_(
+                        k.c.customer == req.customer,
+                        k.c.key == req.key,
+                        k.c.status == "in_progress",
+                        k.c.locked_until == lock,
+                    )
                 )
             )
 
@@ -296,17 +312,31 @@ class Gateway:
             )
         return result
 
-    def _create(self, req: PlaceRequest, price: int) -> PlaceResult:
-        """Create the order for a key this request claimed on the slow path."""
+    def _create(self, req: PlaceRequest, price: int, lock: float) -> PlaceResult:
+        """Create the order for a key this request claimed on the slow path.
+
+        The key is finished only if our claim still holds (same lock): when it
+        expired and another request took it over, ClaimLost rolls our order back,
+        so one key never ends with two orders.
+        """
         now = time.time()
         with self.engine.begin() as conn:
             result = self._result(req, price, self._insert_order(conn, req, price, now))
             k = models.idem_keys
-            conn.execute(
+            done = conn.execute(
                 update(k)
-                .where(and_(k.c.customer == req.customer, k.c.key == req.key))
+                .where(
+                    and_(
+                        k.c.customer == req.customer,
+                        k.c.key == req.key,
+                        k.c.status == "in_progress",
+                        k.c.locked_until == lock,
+                    )
+                )
                 .values(status="done", order_id=result.order_id, response=json.dumps(result.to_dict()))
             )
+            if done.rowcount != 1:
+                raise ClaimLost(req.key or "")
         return result
 
     def _place_unprotected(self, req: PlaceRequest, price: int) -> PlaceResult:
@@ -345,4 +375,4 @@ class Gateway:
             enqueue_order(self._queue, result.order_id, 0)
         except RedisError:
             return result
-        return PlaceResult(**{**result.to_dict(), "enqueued": True})
+        return replace(result, enqueued=True)

@@ -55,7 +55,10 @@ def enqueue_order(
     if delay > 0:
         queue.enqueue_in(timedelta(seconds=delay), JOB_FUNC, order_id, **options)
     else:
-        queue.enqueue(JOB_FUNC, order_id, at_front=at_front, **options)
+        # One round trip: RQ sends its queue-set SADD on its own otherwise.
+        with queue.connection.pipeline() as pipe:
+            queue.enqueue(JOB_FUNC, order_id, at_front=at_front, pipeline=pipe, **options)
+            pipe.execute()
     return jid
 
 
