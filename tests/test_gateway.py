@@ -20,7 +20,7 @@ from failfirst.errors import (
     RequestInProgress,
     ValidationError,
 )
-from failfirst.gateway import Gateway, PlaceRequest
+from failfirst.gateway import ClaimLost, Gateway, PlaceRequest
 
 
 def count(engine: Engine, table) -> int:  # type: ignore[no-untyped-def]
@@ -110,6 +110,23 @@ def test_short_idempotency_lock_lets_a_retry_take_over(
     result = gw.place(req, wait=10)
     assert result.replayed is False
     assert counts(engine) == (1, 1, 1)
+
+
+def test_claim_taken_over_after_its_lock_expired_cannot_finish_the_key(gw: Gateway, engine: Engine) -> None:
+    req = PlaceRequest("c1", "KB-101", 1, "slow")
+    lock, replay = gw._claim(req)
+    assert lock is not None and replay is None
+    # The first request stalls past its lock; a retry takes the key over.
+    with engine.begin() as conn:
+        conn.execute(update(models.idem_keys).values(locked_until=time.time() - 1))
+    taker, _ = gw._claim(req)
+    assert taker is not None and taker != lock
+    with pytest.raises(ClaimLost):
+        gw._create(req, gw.price(req.sku), lock)
+    assert count(engine, models.orders) == 0, "the stalled request's order rolled back"
+    won = gw._create(req, gw.price(req.sku), taker)
+    assert counts(engine) == (1, 1, 1)
+    assert gw.place(req, wait=0).order_id == won.order_id
 
 
 def test_expired_key_is_reusable(gw: Gateway, engine: Engine) -> None:
