@@ -16,10 +16,12 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -55,6 +57,7 @@ class Supervisor:
         self.finished = threading.Event()
         self._lock = threading.RLock()
         self._threads: list[threading.Thread] = []
+        self._names: dict[int, str] = {}
         self.reconciled = 0
 
     def _env(self) -> dict[str, str]:
@@ -66,16 +69,44 @@ class Supervisor:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         self.settings.home.mkdir(parents=True, exist_ok=True)
+        # Named by us, so a worker that dies can be struck from RQ's registry (see `_forget`).
+        name = f"{socket.gethostname()}.{uuid.uuid4().hex[:12]}"
         with open(self.settings.home / "worker.log", "ab") as log_file:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "failfirst.workerproc"],
+                [sys.executable, "-m", "failfirst.workerproc", name],
                 env=self._env(),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
             )
+        self._names[proc.pid] = name
         self._emit("started", proc.pid)
         return proc
+
+    def _forget(self, pid: int) -> None:
+        """Remove a dead worker from RQ's worker registry.
+
+        A SIGKILLed RQ worker cannot unregister itself, and its entry (still
+        "busy") would be listed by `failfirst watch` and `rq info` until its key
+        expires minutes later. The job it held is not touched: the order's lease
+        and the reconciler take care of that.
+        """
+        name = self._names.pop(pid, None)
+        if name is None:
+            return
+        from redis.exceptions import RedisError
+        from rq.worker import Worker
+        from rq.worker_registration import unregister
+
+        from failfirst.connections import get_redis
+        from failfirst.errors import RedisUnavailable
+
+        with contextlib.suppress(RedisError, OSError, RedisUnavailable):
+            redis = get_redis(self.settings, start=False, check=False)
+            worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + name, connection=redis)
+            if worker is not None:
+                unregister(worker)
+                redis.delete(worker.key)
 
     def _emit(self, kind: str, pid: int, detail: str = "") -> None:
         event = WorkerEvent(time.time(), kind, pid, detail)
@@ -117,6 +148,7 @@ class Supervisor:
                 if time.monotonic() < backoff.get(index, 0):
                     continue
                 self._emit("died", proc.pid, f"exit {code}")
+                self._forget(proc.pid)
                 replacement = self._spawn()
                 with self._lock:
                     self.procs[index] = replacement

@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from rq.worker import Worker
 
+from failfirst import config, connections
 from tests.conftest import wait_until
 
 
@@ -61,10 +63,14 @@ def test_worker_killed_with_sigkill_is_replaced_by_the_supervisor(home: Path) ->
     )
     try:
         (first,) = started_pids(proc, 1)
+        redis = connections.get_redis(config.load(), start=False)
+        wait_until(lambda: first in {w.pid for w in Worker.all(connection=redis)}, timeout=30)
         os.kill(first, signal.SIGKILL)
         (second,) = started_pids(proc, 1)
         assert second != first
         assert alive(second)
+        # The dead worker cannot unregister itself; the supervisor strikes it from RQ's registry.
+        wait_until(lambda: {w.pid for w in Worker.all(connection=redis)} == {second}, timeout=30)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         wait_until(lambda: not alive(second), timeout=30)
