@@ -56,20 +56,19 @@ def reconcile(engine: Engine, redis: Redis, queue: Queue, now: float | None = No
     """One pass; returns which orders it enqueued (never had a job) or re-drove (lost one)."""
     now = time.time() if now is None else now
     o, ob = models.orders, models.outbox
+    owed = and_(
+        o.c.state.notin_([s.value for s in SETTLED]),
+        or_(o.c.lease_until.is_(None), o.c.lease_until < now),
+        or_(o.c.next_attempt_at.is_(None), o.c.next_attempt_at < now - RETRY_GRACE),
+        ob.c.created_at < now - NEW_ORDER_GRACE,
+    )
     stmt = (
         select(
             o.c.id, o.c.attempts, o.c.replays, o.c.comp_attempts, o.c.lease_owner,
             o.c.lease_until, o.c.next_attempt_at, ob.c.created_at,
         )
         .select_from(ob.join(o, o.c.id == ob.c.order_id))
-        .where(
-            and_(
-                o.c.state.notin_([s.value for s in SETTLED]),
-                or_(o.c.lease_until.is_(None), o.c.lease_until < now),
-                or_(o.c.next_attempt_at.is_(None), o.c.next_attempt_at < now - RETRY_GRACE),
-                ob.c.created_at < now - NEW_ORDER_GRACE,
-            )
-        )
+        .where(owed)
         .order_by(ob.c.order_id)
         .limit(BATCH)
     )
@@ -85,6 +84,7 @@ def reconcile(engine: Engine, redis: Redis, queue: Queue, now: float | None = No
         states = pipe.execute()
     queued = [job_id(r.id, t) for r, t, (s, _) in zip(rows, tags, states, strict=True) if s == b"queued"]
     stuck = _stuck_jobs(redis, queue, queued, now)
+    lost = []
     for row, tag, (status, _started) in zip(rows, tags, states, strict=True):
         if status == b"deferred" or (status == b"queued" and job_id(row.id, tag) not in stuck):
             continue
@@ -96,6 +96,23 @@ def reconcile(engine: Engine, redis: Redis, queue: Queue, now: float | None = No
             and row.lease_until is None
             and _started_recently(_started, now)
         ):
+            continue
+        lost.append((row, tag, status))
+    if not lost:
+        return report
+    # A job that finished between our read of the order and our look at Redis is
+    # gone from Redis too (result_ttl 0): read the candidates again, so an order
+    # settled or leased meanwhile is not enqueued a second time.
+    with engine.connect() as conn:
+        still = set(
+            conn.execute(
+                select(o.c.id)
+                .select_from(ob.join(o, o.c.id == ob.c.order_id))
+                .where(and_(owed, o.c.id.in_([row.id for row, _, _ in lost])))
+            ).scalars()
+        )
+    for row, tag, status in lost:
+        if row.id not in still:
             continue
         enqueue_order(queue, row.id, tag)
         (report.redriven if row.lease_owner or status else report.enqueued).append(row.id)
