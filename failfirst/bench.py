@@ -27,7 +27,6 @@ import operator
 import os
 import platform
 import shutil
-import signal
 import sqlite3
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from failfirst.errors import FailfirstError, UsageError
+from failfirst.processes import terminate
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -286,21 +286,6 @@ def rq_worker_cmd(url: str, *, burst: bool) -> list[str]:
     return [*cmd, "--burst", NOOP_QUEUE] if burst else [*cmd, NOOP_QUEUE]
 
 
-def stop_processes(procs: Sequence[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
-    """SIGTERM each process we started, then SIGKILL whatever outlives the grace period."""
-    for proc in procs:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for proc in procs:
-        try:
-            proc.wait(max(deadline - time.monotonic(), 0.01))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def timed_processes(cmds: Sequence[list[str]], env: dict[str, str], log: Path, timeout: float) -> float:
     """Wall seconds from starting every command to the last one exiting; all must exit 0."""
     procs: list[subprocess.Popen[bytes]] = []
@@ -317,7 +302,7 @@ def timed_processes(cmds: Sequence[list[str]], env: dict[str, str], log: Path, t
         except subprocess.TimeoutExpired:
             raise BenchError(f"{' '.join(cmds[0][:3])} did not finish within {timeout:.0f}s; see {log}") from None
         finally:
-            stop_processes(procs)
+            terminate(procs)
     failed = [p.returncode for p in procs if p.returncode != 0]
     if failed:
         raise BenchError(f"{' '.join(cmds[0][:3])} exited with {failed[0]}; see {log}")
@@ -627,7 +612,7 @@ def rq_latencies(ws: Workspace, n: int, rate: float) -> list[float]:
             wait_for(lambda: finished(ids), 120 + n / rate, f"{n} no-op jobs finishing")
             jobs = Job.fetch_many(ids, lab.redis)
         finally:
-            stop_processes(procs)
+            terminate(procs)
     return [(job.ended_at - job.enqueued_at).total_seconds() for job in jobs if job is not None]
 
 

@@ -7,7 +7,9 @@ The supervisor owns three loops besides the workers themselves:
 - the reconciler, every `reconcile_interval`, which re-drives orders whose
   worker died and enqueues orders the queue lost.
 The supervisor touches only the database and Redis, so supervisors on several
-hosts can share one store and one Redis.
+hosts can share one store and one Redis. It imports the database layer only
+after its workers are spawned: their start-up, mostly imports, then overlaps
+with its own.
 """
 
 from __future__ import annotations
@@ -25,11 +27,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
-
-from failfirst import models
 from failfirst.config import Settings, settings_env
-from failfirst.states import SETTLED, State
+from failfirst.processes import terminate
 
 log = logging.getLogger("failfirst.supervisor")
 
@@ -120,13 +119,19 @@ class Supervisor:
             return [p.pid for p in self.procs if p.poll() is None]
 
     def start(self) -> None:
-        from failfirst import store
         from failfirst.connections import get_redis
 
-        get_redis(self.settings)
-        store.open_store(self.settings.database_url)
+        get_redis(self.settings)  # the embedded server must answer before a worker connects
+        # Workers spend most of their start-up importing; let them, while we open the store.
         with self._lock:
             self.procs = [self._spawn() for _ in range(self.count)]
+        try:
+            from failfirst import store
+
+            store.open_store(self.settings.database_url)
+        except BaseException:
+            self.stop()
+            raise
         for target, name in (
             (self._monitor, "monitor"),
             (self._schedule, "scheduler"),
@@ -159,7 +164,10 @@ class Supervisor:
                 return
 
     def _drained(self) -> bool:
-        from failfirst import store
+        from sqlalchemy import select
+
+        from failfirst import models, store
+        from failfirst.states import SETTLED, State
 
         try:
             engine = store.get_engine(self.settings.database_url, readonly=True)
@@ -244,17 +252,6 @@ class Supervisor:
         self.stopping.set()
         with self._lock:
             procs = list(self.procs)
-        for proc in procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for proc in procs:
-            remaining = max(deadline - time.monotonic(), 0.01)
-            try:
-                proc.wait(remaining)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(procs, grace)
         for thread in self._threads:
             thread.join(timeout=5)

@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from failfirst.config import Settings, settings_env
+from failfirst.processes import terminate
 from failfirst.supervisor import WorkerEvent
 
 # How long a killed host stays down before it is started again.
@@ -111,14 +112,4 @@ class Hosts:
             self._stopped = True
             self._due.clear()
             procs = list(self.procs)
-        for proc in procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for proc in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(deadline - time.monotonic(), 0.01))
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        terminate(procs, grace, group=True)

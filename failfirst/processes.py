@@ -1,0 +1,34 @@
+"""Stopping the processes failfirst started: politely first, then for certain."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+
+
+def terminate(procs: Sequence[subprocess.Popen[bytes]], grace: float = 10.0, *, group: bool = False) -> None:
+    """SIGTERM each process still running, give them `grace` seconds in all, then SIGKILL.
+
+    One shared deadline, not one per process, so stopping many takes `grace`
+    at most. With `group`, each process leads its own process group and the
+    whole group is SIGKILLed at the end even when the leader exited cleanly, so
+    no child it left behind survives.
+    """
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(deadline - time.monotonic(), 0.01))
+        if group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        elif proc.poll() is None:
+            proc.kill()
+        proc.wait()
