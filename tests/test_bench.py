@@ -71,7 +71,7 @@ def leftovers(root: Path) -> list[int]:
     return found
 
 
-def test_pipeline_latency_and_scaling(tmp_path: Path) -> None:
+def test_pipeline_latency_and_scaling_figures_are_computed_from_their_raw_runs(tmp_path: Path) -> None:
     doc = bench.run(["scaling", "pipeline", "latency"], 1, sizes=TINY, workdir=tmp_path / "bench")
     assert leftovers(tmp_path / "bench") == []
     assert_document(doc, ["pipeline", "latency", "scaling"])
@@ -107,7 +107,7 @@ def test_pipeline_latency_and_scaling(tmp_path: Path) -> None:
     assert settled[1]["failfirst"] == pytest.approx(span / 20 * 1000)
 
 
-def test_placement_and_cli_repeat(tmp_path: Path) -> None:
+def test_placement_and_cli_report_medians_of_every_repeat(tmp_path: Path) -> None:
     doc = bench.run(["placement", "cli"], 2, sizes=TINY, workdir=tmp_path / "bench")
     assert leftovers(tmp_path / "bench") == []
     assert_document(doc, ["placement", "cli"])
@@ -125,8 +125,7 @@ def test_placement_and_cli_repeat(tmp_path: Path) -> None:
     assert cli_case["rows"][0]["baseline"] == pytest.approx(bench.median(cli_case["raw"]["import_typer_ms"]))
 
 
-def test_check_on_a_synthetic_store(tmp_path: Path) -> None:
-    pytest.importorskip("failfirst.synthetic")
+def test_check_case_times_a_clean_checker_run_over_a_filled_store(tmp_path: Path) -> None:
     doc = bench.run(["check"], 2, sizes=TINY, workdir=tmp_path / "bench")
     assert_document(doc, ["check"])
     check = doc["cases"]["check"]
@@ -135,9 +134,7 @@ def test_check_on_a_synthetic_store(tmp_path: Path) -> None:
     assert check["raw"]["report_ok"] == [True, True]
 
 
-def test_watch_on_a_synthetic_store(tmp_path: Path) -> None:
-    pytest.importorskip("failfirst.synthetic")
-    pytest.importorskip("failfirst.snapshot")
+def test_watch_case_times_frames_over_a_filled_store(tmp_path: Path) -> None:
     doc = bench.run(["watch"], 2, sizes=TINY, workdir=tmp_path / "bench")
     assert_document(doc, ["watch"])
     watch = doc["cases"]["watch"]
@@ -146,7 +143,7 @@ def test_watch_on_a_synthetic_store(tmp_path: Path) -> None:
     assert watch["raw"]["frame_orders"] == TINY.watch
 
 
-def test_target_judging() -> None:
+def test_targets_are_met_or_missed_in_their_own_direction() -> None:
     rate = bench.Row("x", 7.0, 10.0, bench.Target("ratio", ">=", 0.7))
     assert rate.ratio == pytest.approx(0.7) and rate.to_dict()["met"] is True
     slow = bench.Row("x", 30.0, 5.0, bench.Target("failfirst", "<", 25))

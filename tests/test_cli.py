@@ -127,7 +127,7 @@ def test_corrupt_database_is_one_line_and_left_alone(home: Path) -> None:
     assert_one_line_failure(listing)
 
 
-def test_place_show_list_json(home: Path) -> None:
+def test_placed_order_is_shown_and_listed_as_json(home: Path) -> None:
     placed = cli(*PLACE, "-q", "3", "--json")
     assert placed.returncode == 0, placed.stderr
     doc = json.loads(placed.stdout)
@@ -155,7 +155,7 @@ def test_place_show_list_json(home: Path) -> None:
     assert "no order 99999" in assert_one_line_failure(missing)
 
 
-def test_stock_set_then_list(home: Path) -> None:
+def test_stock_set_changes_what_stock_list_shows(home: Path) -> None:
     out = cli("stock", "set", "KB-101", "5")
     assert out.returncode == 0, out.stderr
     assert "KB-101" in out.stdout and "5" in out.stdout
@@ -168,9 +168,10 @@ def test_stock_set_then_list(home: Path) -> None:
     assert "unknown SKU" in assert_one_line_failure(bad)
 
 
-def test_help_works(home: Path) -> None:
+def test_help_lists_every_command_and_their_options(home: Path) -> None:
     out = cli("--help")
     assert out.returncode == 0, out.stderr
-    assert "order" in out.stdout and "chaos" in out.stdout
+    for command in ("order", "stock", "worker", "dlq", "check", "chaos", "watch", "bench", "status"):
+        assert command in out.stdout, command
     sub = cli("order", "place", "--help")
     assert sub.returncode == 0 and "--customer" in sub.stdout
