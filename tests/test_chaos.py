@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from failfirst.chaos import scenario as sc
+from failfirst.chaos.report import render
 from failfirst.errors import ConfigError
 
 
@@ -64,7 +66,7 @@ def test_malformed_scenario_via_cli_is_one_line_and_exit_2(home: Path, tmp_path:
     assert "Traceback" not in out.stderr
 
 
-def test_demo_run_passes_every_invariant_and_reports_json(home: Path) -> None:
+def test_demo_run_passes_every_invariant_and_reports_json_and_text(home: Path) -> None:
     out = run_cli("chaos", "run", "demo", "--orders", "120", "--json")
     report = json.loads(out.stdout)
     assert out.returncode == 0, report["invariants"]
@@ -72,6 +74,13 @@ def test_demo_run_passes_every_invariant_and_reports_json(home: Path) -> None:
     assert sum(report["final_states"].values()) == 120
     assert all(v["ok"] for v in report["invariants"]["verdicts"])
     assert report["latency_ms"]["p50"] is not None
+    console = Console(record=True, width=100)
+    console.print(render(report))
+    text = console.export_text()
+    assert Path(report["run_dir"]).name in text
+    backend = "SQLite (run.db)" if report["store"].startswith("sqlite") else "search_path"
+    assert backend in text
+    assert "ALL INVARIANTS HOLD" in text and "reproduce: failfirst chaos run demo --seed" in text
 
 
 def test_same_seed_gives_same_final_state_per_key_with_one_or_three_workers(home: Path) -> None:

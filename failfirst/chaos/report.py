@@ -15,6 +15,14 @@ def _mark(ok: bool) -> str:
     return "[green]PASS[/]" if ok else "[red]FAIL[/]"
 
 
+def _backend(report: dict[str, Any]) -> str:
+    """Where the run's records live, briefly: the run's own row names its directory."""
+    store, redis = str(report.get("store", "?")), str(report.get("redis", "?"))
+    db = "SQLite (run.db)" if store.startswith("sqlite") else store
+    queue = "embedded Redis" if redis.startswith("embedded") else f"Redis {redis}"
+    return f"{db} + {queue}"
+
+
 def render(report: dict[str, Any]) -> Any:
     from rich.console import Group
     from rich.table import Table
@@ -23,7 +31,8 @@ def render(report: dict[str, Any]) -> Any:
     head.add_row("scenario", f"{report['scenario']}: {report['description']}")
     head.add_row("seed", str(report["seed"]))
     p = report["parameters"]
-    head.add_row("backend", f"{report.get('store', '?')} · Redis {report.get('redis', '?')}")
+    head.add_row("run", f"{Path(report['run_dir']).name} (under runs/ in the data directory)")
+    head.add_row("backend", _backend(report))
     workers = f"{p.get('hosts')} hosts x {p['workers']} workers" if p.get("hosts") else f"{p['workers']} workers"
     head.add_row(
         "load",
