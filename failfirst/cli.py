@@ -414,6 +414,9 @@ def chaos_run(
     scenario: str = typer.Argument("demo", help="Scenario name or TOML path."),
     orders: int | None = typer.Option(None, "--orders", min=1),
     workers: int | None = typer.Option(None, "--workers", min=1, max=32),
+    hosts: int | None = typer.Option(
+        None, "--hosts", min=0, help="Run workers as N independent `failfirst worker` groups (0: one supervisor)."
+    ),
     seed: int | None = typer.Option(None, "--seed"),
     payment_fail: float | None = typer.Option(None, "--payment-fail"),
     inventory_fail: float | None = typer.Option(None, "--inventory-fail"),
@@ -445,7 +448,7 @@ def chaos_run(
 
     scn = sc.override(
         sc.load(scenario),
-        orders=orders, workers=workers, seed=seed, payment_fail=payment_fail,
+        orders=orders, workers=workers, hosts=hosts, seed=seed, payment_fail=payment_fail,
         inventory_fail=inventory_fail, ambiguous=ambiguous, latency_ms=latency_ms,
         jitter_ms=jitter_ms, latency_storm=latency_storm, kill_workers=kill_workers,
         redis_outage=redis_outage, redis_flush=redis_flush, duplicates=duplicates,

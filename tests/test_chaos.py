@@ -66,6 +66,23 @@ def test_malformed_scenario_via_cli_is_one_line_and_exit_2(home: Path, tmp_path:
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (("--latency-storm", "300@four+3"), "MS@AT+SECONDS"),
+        (("--latency-storm", "-5@1+1"), "negative"),
+        (("--redis-outage", "2at3"), "SECONDS@AT"),
+        (("--hosts", "40"), "hosts 40"),
+        (("--break", "everything"), "safeguard 'everything' unknown"),
+    ],
+)
+def test_malformed_fault_flags_are_one_line_and_exit_2(home: Path, flags: tuple[str, ...], needle: str) -> None:
+    out = run_cli("chaos", "run", "demo", *flags)
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and needle in out.stderr, out.stderr
+    assert not (home / "runs").exists(), "rejected before anything starts"
+
+
 def test_demo_run_passes_every_invariant_and_reports_json_and_text(home: Path) -> None:
     out = run_cli("chaos", "run", "demo", "--orders", "120", "--json")
     report = json.loads(out.stdout)

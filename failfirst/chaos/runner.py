@@ -80,7 +80,7 @@ def run_settings(scn: Scenario, home: Path, redis_url: str | None, db_url: str |
 
 
 FLAGS = (
-    "orders", "workers", "payment_fail", "inventory_fail", "ambiguous", "latency_ms", "jitter_ms",
+    "orders", "workers", "hosts", "payment_fail", "inventory_fail", "ambiguous", "latency_ms", "jitter_ms",
     "latency_storm", "kill_workers", "redis_outage", "redis_flush", "duplicates", "inner_attempts",
     "deadline",
 )
