@@ -492,7 +492,7 @@ def bench(
         None, help="Cases to run (all by default): pipeline placement latency scaling cli check watch."
     ),
     repeat: int | None = typer.Option(
-        None, "--repeat", min=1, help="Runs per case, medians reported (default: 5 for cli and watch, 3 for placement, else 1)."
+        None, "--repeat", min=1, help="Runs per case, medians reported (default: 5 for cli and watch, 3 for pipeline and placement, else 1; scaling runs its smaller sizes at least 3 times)."
     ),
     from_file: str | None = typer.Option(None, "--from", help="Render a saved --json document instead of running."),
     as_json: bool = JsonOpt,

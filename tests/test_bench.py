@@ -93,6 +93,8 @@ def test_pipeline_latency_and_scaling_figures_are_computed_from_their_raw_runs(t
 
     scaling = doc["cases"]["scaling"]
     assert set(scaling["raw"]["runs"]) == {"10", "20"}
+    # The short run is repeated (medians compared); the largest runs as often as asked.
+    assert [len(scaling["raw"]["runs"][n]) for n in ("10", "20")] == [bench.SMALL_SIZE_RUNS, 1]
     wall, wall_growth, settled, settled_growth = (
         scaling["rows"][:2], scaling["rows"][2], scaling["rows"][3:5], scaling["rows"][5]
     )
