@@ -478,12 +478,13 @@ def find_run(runs: Path, name: str) -> Path:
 def run_database_url(settings: config.Settings, run_dir: Path) -> str:
     """The run's store, as `failfirst.chaos.runner.ChaosRun` chooses it.
 
-    On PostgreSQL a run's store is the schema `ff_run_<stamp>_<token>` (dropped
-    when the run ends); otherwise it is `run.db` in the run directory.
+    On PostgreSQL a run's store is the schema `run_schema` names (dropped when
+    the run ends); otherwise it is `run.db` in the run directory.
     """
     if store.is_postgres(settings.database_url):
-        stamp, token = run_dir.name[:15], run_dir.name.rsplit("-", 1)[-1]
-        return store.with_schema(settings.database_url, f"ff_run_{stamp.replace('-', '_')}_{token}")
+        from failfirst.chaos.runner import run_schema
+
+        return store.with_schema(settings.database_url, run_schema(run_dir))
     return f"sqlite:///{run_dir / 'run.db'}"
 
 

@@ -21,13 +21,14 @@ import pytest
 from conftest import TEST_REDIS_URL, needs_embedded_redis, needs_sqlite, wait_until
 from rich.console import Console
 from sqlalchemy import func, insert, select
+from sqlalchemy.exc import DBAPIError
 
 from failfirst import config, connections, models, store, synthetic
 from failfirst.checker import check_store
 from failfirst.dashboard import render
 from failfirst.embedded import EmbeddedRedis
 from failfirst.gateway import Gateway, PlaceRequest
-from failfirst.snapshot import Snapshot, resolve, take
+from failfirst.snapshot import Snapshot, resolve, run_database_url, take
 from failfirst.states import State, load, transition
 
 pytestmark = pytest.mark.timeout(120)
@@ -131,7 +132,6 @@ class Screen:
 # ---------------------------------------------------------------- frames from a known store
 
 
-@needs_embedded_redis
 def test_frame_of_known_store_shows_its_state_counts_dlq_and_queue(home: Path) -> None:
     ids = place(10)
     park(ids[0], "TIMEOUT: simulated failure")
@@ -238,8 +238,6 @@ def test_live_view_without_a_terminal_is_one_line_error(home: Path) -> None:
     assert out.stderr.count("\n") == 1 and "needs a terminal" in out.stderr
 
 
-@needs_sqlite
-@needs_embedded_redis
 def test_once_against_a_live_chaos_run_counts_add_up_to_orders_placed_so_far(home: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "failfirst", "chaos", "run", "demo", "--orders", "300", "--latency-ms", "25",
@@ -248,16 +246,21 @@ def test_once_against_a_live_chaos_run_counts_add_up_to_orders_placed_so_far(hom
     )
     run_dir: Path | None = None
     try:
-        db = wait_until(lambda: next(iter((home / "runs").glob("*/run.db")), None))
-        assert isinstance(db, Path)
-        run_dir = db.parent
+        found = wait_until(lambda: next(iter((home / "runs").glob("*-demo-*")), None))
+        assert isinstance(found, Path)
+        run_dir = found
+        # The run's own store: its SQLite file, or its schema on a PostgreSQL server.
+        url = run_database_url(config.load(), run_dir)
+        if store.is_sqlite(url):
+            wait_until(lambda: (run_dir / "run.db").exists())
+        engine = store.get_engine(url, readonly=True)
 
         def placed() -> int:
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-                try:
-                    return int(conn.execute("SELECT count(*) FROM orders").fetchone()[0])
-                except sqlite3.OperationalError:
-                    return 0
+            try:
+                with engine.connect() as conn:
+                    return int(conn.exec_driver_sql("SELECT count(*) FROM orders").scalar_one())
+            except DBAPIError:
+                return 0
 
         wait_until(lambda: placed() > 0)
         low = placed()
@@ -289,7 +292,6 @@ def test_once_against_a_live_chaos_run_counts_add_up_to_orders_placed_so_far(hom
 # ---------------------------------------------------------------- the live view
 
 
-@needs_embedded_redis
 def test_live_view_redraws_with_changing_counts_and_exits_cleanly_on_ctrl_c(
     home: Path, workers: Callable[..., Any]
 ) -> None:

@@ -31,6 +31,7 @@ from failfirst.chaos.scenario import Scenario, parse_outage, parse_storm
 from failfirst.chaos.scenario import load as load_scenario
 from failfirst.config import Breaks, FaultConfig, RetryConfig, Settings
 from failfirst.embedded import EmbeddedRedis
+from failfirst.errors import ConfigError
 from failfirst.states import SETTLED, State
 
 
@@ -43,6 +44,12 @@ class FaultLog:
     def add(self, kind: str, detail: str) -> None:
         with self.lock:
             self.entries.append({"t": round(time.time() - self.started, 3), "kind": kind, "detail": detail})
+
+
+def run_schema(run_dir: Path) -> str:
+    """A run's PostgreSQL schema, named from its directory `<YYYYmmdd-HHMMSS>-<scenario>-<seed>-<token>`."""
+    stamp, token = run_dir.name[:15], run_dir.name.rsplit("-", 1)[-1]
+    return f"ff_run_{stamp.replace('-', '_')}_{token}"
 
 
 def run_settings(scn: Scenario, home: Path, redis_url: str | None, db_url: str | None) -> Settings:
@@ -90,7 +97,7 @@ def replay_command(scn: Scenario, source: str) -> str:
     """The command that reruns `scn`: the source, the seed, and every flag that changed it."""
     try:
         base = load_scenario(source)
-    except Exception:
+    except ConfigError:
         base = Scenario()
     parts = ["failfirst", "chaos", "run", source, "--seed", str(scn.seed)]
     for name in FLAGS:
@@ -113,8 +120,7 @@ class ChaosRun:
         self.progress = progress
         base = config.load()
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        token = f"{random.randrange(1 << 16):04x}"
-        self.dir = base.home / "runs" / f"{stamp}-{scn.name}-{scn.seed}-{token}"
+        self.dir = base.home / "runs" / f"{stamp}-{scn.name}-{scn.seed}-{random.randrange(1 << 16):04x}"
         self.dir.mkdir(parents=True, exist_ok=True)
         redis_url = None
         if base.redis_url:
@@ -124,7 +130,7 @@ class ChaosRun:
         self.schema: str | None = None
         db_url = None
         if store.is_postgres(base.database_url):
-            self.schema = f"ff_run_{stamp.replace('-', '_')}_{token}"
+            self.schema = run_schema(self.dir)
             db_url = store.with_schema(base.database_url, self.schema)
         self.settings = run_settings(scn, self.dir, redis_url, db_url)
         self.log = FaultLog()
