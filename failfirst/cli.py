@@ -14,6 +14,7 @@ from typing import Any
 import typer
 
 from failfirst.errors import FailfirstError
+from failfirst.processes import exit_without_collecting
 
 app = typer.Typer(
     help="failfirst: a chaos lab for a resilient order pipeline.",
@@ -527,6 +528,7 @@ def bench(
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: expected failures are one line on stderr; bugs keep their traceback."""
     args = list(sys.argv[1:] if argv is None else argv)
+    exit_without_collecting()
     debug = "--debug" in args or os.environ.get("FAILFIRST_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
     try:

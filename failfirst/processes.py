@@ -1,8 +1,10 @@
-"""Stopping the processes failfirst started: politely first, then for certain."""
+"""Stopping processes: the ones failfirst started, politely first, then for certain; and its own, quickly."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import os
 import signal
 import subprocess
@@ -32,3 +34,16 @@ def terminate(procs: Sequence[subprocess.Popen[bytes]], grace: float = 10.0, *, 
         elif proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def exit_without_collecting() -> None:
+    """Let this process exit without the interpreter's final garbage collections.
+
+    Python collects garbage while it tears its modules down at exit; with
+    SQLAlchemy, SQLModel and RQ loaded that took 100-200 ms, added to every
+    command and to every worker stop. Freezing the heap from the last exit
+    handler skips those collections: exit handlers still run, the standard
+    streams are still flushed, and the operating system takes the memory back.
+    """
+    atexit.unregister(gc.freeze)  # once per process, however often it is asked
+    atexit.register(gc.freeze)

@@ -3,7 +3,8 @@
 SQLite is the default and the hard case: several worker processes write to one
 file. It runs in WAL mode (readers never block the writer) with a busy timeout,
 and every write transaction starts with BEGIN IMMEDIATE so two writers queue on
-the lock instead of deadlocking when both try to upgrade a read lock.
+the lock instead of deadlocking when both try to upgrade a read lock; writers
+poll for that lock themselves (`_begin_immediate`).
 """
 
 from __future__ import annotations
@@ -14,14 +15,22 @@ import threading
 import time
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, func, insert, inspect, select
-from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy import Connection, Engine, create_engine, event, func, insert, inspect, select
+from sqlalchemy.exc import (
+    DatabaseError,
+    DBAPIError,
+    IntegrityError,
+    OperationalError,
+    ProgrammingError,
+)
 from sqlmodel import SQLModel
 
 from failfirst import models
 from failfirst.errors import FailfirstError, StoreError
 
 BUSY_TIMEOUT_MS = 30_000
+BEGIN_FIRST_PAUSE = 0.00005
+BEGIN_MAX_PAUSE = 0.002
 
 DEFAULT_CATALOGUE: tuple[tuple[str, str, int, int], ...] = (
     ("KB-101", "Mechanical keyboard", 8900, 1000),
@@ -106,17 +115,45 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        # A write connection waits for the lock in `_begin_immediate`, not in SQLite.
+        cur.execute(f"PRAGMA busy_timeout={0 if immediate else BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA foreign_keys=OFF")
         cur.close()
 
-    begin_sql = "BEGIN IMMEDIATE" if immediate else "BEGIN"
-
     @event.listens_for(engine, "begin")
-    def _on_begin(conn: object) -> None:
-        conn.exec_driver_sql(begin_sql)  # type: ignore[attr-defined]
+    def _on_begin(conn: Connection) -> None:
+        if immediate:
+            _begin_immediate(conn.connection.dbapi_connection)  # type: ignore[arg-type]
+        else:
+            conn.exec_driver_sql("BEGIN")
 
     return engine
+
+
+def _begin_immediate(raw: sqlite3.Connection) -> None:
+    """Take SQLite's write lock, polling every 50 us to 2 ms until BUSY_TIMEOUT_MS passes.
+
+    SQLite's own busy handler sleeps 1, 2, 5, 10 ... 100 ms between tries, while
+    a worker's transaction holds the lock for about 50 us: two workers that
+    collided lost a millisecond or more each time, and under a burst one of them
+    could wait most of a second while the other took the lock again and again.
+    Every statement of a write connection runs inside a transaction begun here,
+    so its busy timeout is 0 and this loop is the only wait.
+    """
+    deadline = 0.0
+    pause = BEGIN_FIRST_PAUSE
+    while True:
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            now = time.monotonic()
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or (deadline and now >= deadline):
+                raise DBAPIError.instance("BEGIN IMMEDIATE", (), exc, sqlite3.Error) from exc
+            deadline = deadline or now + BUSY_TIMEOUT_MS / 1000
+        time.sleep(pause)
+        pause = min(pause * 2, BEGIN_MAX_PAUSE)
+
 
 
 def get_engine(url: str, *, readonly: bool = False) -> Engine:

@@ -8,8 +8,8 @@ The supervisor owns three loops besides the workers themselves:
   worker died and enqueues orders the queue lost.
 The supervisor touches only the database and Redis, so supervisors on several
 hosts can share one store and one Redis. It imports the database layer only
-after its workers are spawned: their start-up, mostly imports, then overlaps
-with its own.
+once its workers are set up (see `start`), so that their start-up is not slowed
+by its own.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -29,8 +30,29 @@ from dataclasses import dataclass, field
 
 from failfirst.config import Settings, settings_env
 from failfirst.processes import terminate
+from failfirst.workerproc import READY_FD_ENV
 
 log = logging.getLogger("failfirst.supervisor")
+
+READY_WAIT = 5.0
+
+
+def _await_ready(fds: list[int], timeout: float) -> None:
+    """Wait until each pipe in `fds` has a byte or is closed (its worker died), then close them all."""
+    deadline = time.monotonic() + timeout
+    waiting = list(fds)
+    try:
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            readable, _, _ = select.select(waiting, [], [], left)
+            for fd in readable:
+                os.read(fd, 1)
+                waiting.remove(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 @dataclass
@@ -66,18 +88,30 @@ class Supervisor:
         env.update(self.extra_env)
         return env
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def _spawn(self, ready: list[int] | None = None) -> subprocess.Popen[bytes]:
+        """Start one worker; with `ready`, append the read end of a pipe it writes to once set up."""
         self.settings.home.mkdir(parents=True, exist_ok=True)
         # Named by us, so a worker that dies can be struck from RQ's registry (see `_forget`).
         name = f"{socket.gethostname()}.{uuid.uuid4().hex[:12]}"
-        with open(self.settings.home / "worker.log", "ab") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "failfirst.workerproc", name],
-                env=self._env(),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-            )
+        env, fds = self._env(), ()
+        if ready is not None:
+            read_end, write_end = os.pipe()
+            ready.append(read_end)
+            env[READY_FD_ENV] = str(write_end)
+            fds = (write_end,)
+        try:
+            with open(self.settings.home / "worker.log", "ab") as log_file:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "failfirst.workerproc", name],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=log_file,
+                    pass_fds=fds,
+                )
+        finally:
+            for fd in fds:
+                os.close(fd)
         self._names[proc.pid] = name
         self._emit("started", proc.pid)
         return proc
@@ -119,13 +153,21 @@ class Supervisor:
             return [p.pid for p in self.procs if p.poll() is None]
 
     def start(self) -> None:
-        from failfirst.connections import get_redis
+        """Spawn the workers, start or ping Redis, and open the store once the workers are set up.
 
-        get_redis(self.settings)  # the embedded server must answer before a worker connects
-        # Workers spend most of their start-up importing; let them, while we open the store.
+        Workers spend most of their start-up importing. Our own imports of the
+        database layer would take CPU from theirs, so they wait until every
+        worker has reported ready (or died, or READY_WAIT passed); Redis cannot
+        wait, since the workers wait for it.
+        """
+        ready: list[int] = []
         with self._lock:
-            self.procs = [self._spawn() for _ in range(self.count)]
+            self.procs = [self._spawn(ready) for _ in range(self.count)]
         try:
+            from failfirst.connections import get_redis
+
+            get_redis(self.settings)
+            _await_ready(ready, READY_WAIT)
             from failfirst import store
 
             store.open_store(self.settings.database_url)

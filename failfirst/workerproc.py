@@ -4,6 +4,10 @@ SimpleWorker runs each job in this process instead of forking a child per job;
 a fork per job costs more than the whole pipeline of a fault-free order. The
 price is that a crashing job takes the worker with it, which the supervisor
 answers by starting a new one, and the order's lease makes that safe.
+
+The supervisor stops workers with signals, so RQ's command channel (a pub/sub
+listener thread per worker) is not opened: stopping it waited up to a second
+for that thread.
 """
 
 from __future__ import annotations
@@ -15,6 +19,15 @@ import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
+
+from failfirst.processes import exit_without_collecting
+
+if TYPE_CHECKING:
+    from failfirst.pipeline import Context
+
+REDIS_WAIT = 5.0
+READY_FD_ENV = "FAILFIRST_READY_FD"
 
 
 def _die_with_parent() -> None:
@@ -46,17 +59,54 @@ def _heartbeat(stop: threading.Event) -> None:
             logging.getLogger("failfirst.worker").exception("lease heartbeat failed")
 
 
-def main() -> None:
-    _die_with_parent()
-    from rq.worker import SimpleWorker
+def _connect(wait: float = REDIS_WAIT) -> Context:
+    """The pipeline's context, once Redis answers.
 
+    The supervisor spawns workers before it has started or pinged Redis, so that
+    their imports overlap its own start-up; a worker that finds Redis not yet
+    answering waits up to `wait` seconds instead of dying and being restarted.
+    """
+    from failfirst.errors import RedisUnavailable
     from failfirst.pipeline import context
 
-    ctx = context()
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return context()
+        except RedisUnavailable:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _report_ready() -> None:
+    """Tell the supervisor that this worker's start-up is done (see `Supervisor.start`)."""
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if fd is None:
+        return
+    try:
+        os.write(int(fd), b"1")
+    except OSError:
+        pass  # the supervisor stopped waiting (READY_WAIT) and closed its end
+    finally:
+        os.close(int(fd))
+
+
+def main() -> None:
+    _die_with_parent()
+    exit_without_collecting()
+    from rq.worker import SimpleWorker
+
+    class Worker(SimpleWorker):
+        def subscribe(self) -> None:
+            """No command channel: see the module docstring."""
+
+    ctx = _connect()
     name = sys.argv[1] if len(sys.argv) > 1 else None
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=(stop,), daemon=True, name="lease-heartbeat").start()
-    worker = SimpleWorker([ctx.queue], connection=ctx.redis, name=name)
+    worker = Worker([ctx.queue], connection=ctx.redis, name=name)
+    _report_ready()
     level = os.environ.get("FAILFIRST_WORKER_LOG", "WARNING")
     try:
         worker.work(burst=False, with_scheduler=False, logging_level=level)

@@ -136,6 +136,9 @@ def test_latency_storm_slows_provider_calls_and_is_logged_with_its_window(home: 
     assert calm_out.returncode == 0 and out.returncode == 0, failed_verdicts(report)
     kinds = [f["kind"] for f in report["faults"]]
     assert kinds.index("latency-storm") < kinds.index("latency-storm-end")
+    # Logged at the window's edges, on the same clock as every other fault.
+    times = {f["kind"]: f["t"] for f in report["faults"]}
+    assert (times["latency-storm"], times["latency-storm-end"]) == (0.0, 1.5)
     assert "latency-storm" not in [f["kind"] for f in calm["faults"]]
     # An order charged during the storm waited 200 ms on each of its two provider calls.
     assert report["latency_ms"]["max"] >= 400

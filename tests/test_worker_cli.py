@@ -11,10 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
+from redis import Redis
 from rq.worker import Worker
+from sqlalchemy import select
 
-from failfirst import config, connections
-from tests.conftest import wait_until
+from failfirst import config, connections, models, store
+from failfirst.embedded import EmbeddedRedis
+from failfirst.errors import RedisUnavailable
+from failfirst.gateway import Gateway, PlaceRequest
+from failfirst.processes import terminate
+from failfirst.supervisor import _await_ready
+from tests.conftest import needs_embedded_redis, needs_sqlite, wait_until
 
 
 def alive(pid: int) -> bool:
@@ -24,6 +31,13 @@ def alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.exists() and stat.read_text().split()[2] == "Z")
+
+
+def reachable_redis() -> Redis | None:
+    try:
+        return connections.get_redis(config.load(), start=False)
+    except RedisUnavailable:
+        return None
 
 
 def started_pids(proc: subprocess.Popen[str], count: int) -> list[int]:
@@ -63,7 +77,8 @@ def test_worker_killed_with_sigkill_is_replaced_by_the_supervisor(home: Path) ->
     )
     try:
         (first,) = started_pids(proc, 1)
-        redis = connections.get_redis(config.load(), start=False)
+        # Workers are started before the supervisor has started Redis; they wait for it.
+        redis = wait_until(reachable_redis, timeout=30)
         wait_until(lambda: first in {w.pid for w in Worker.all(connection=redis)}, timeout=30)
         os.kill(first, signal.SIGKILL)
         (second,) = started_pids(proc, 1)
@@ -78,3 +93,69 @@ def test_worker_killed_with_sigkill_is_replaced_by_the_supervisor(home: Path) ->
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@needs_embedded_redis
+@needs_sqlite
+def test_worker_started_before_redis_answers_waits_for_it_and_then_drives_orders(home: Path) -> None:
+    settings = config.load()
+    db = store.sqlite_path(settings.database_url)
+    assert db is not None
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "failfirst.workerproc", "early-worker"],
+        env=dict(os.environ), stdin=subprocess.DEVNULL,
+    )
+    try:
+        # The worker opens the store before it looks for Redis: once the file is
+        # open, it is in its wait for Redis.
+        def holds_store_open() -> bool:
+            fds = Path(f"/proc/{proc.pid}/fd")
+            return any(os.path.realpath(fd) == str(db) for fd in fds.iterdir())
+
+        wait_until(holds_store_open, timeout=60)
+        assert proc.poll() is None
+        EmbeddedRedis(home).start()
+        redis = connections.get_redis(settings, start=False)
+        gateway = Gateway(settings, store.open_store(settings.database_url), redis)
+        order = gateway.place(PlaceRequest("cust", "KB-101", 1, "early")).order_id
+        o = models.orders
+
+        def completed() -> bool:
+            with store.open_store(settings.database_url).connect() as conn:
+                return conn.execute(select(o.c.state).where(o.c.id == order)).scalar_one() == "COMPLETED"
+
+        wait_until(completed, timeout=60)
+        assert proc.poll() is None, "the worker died instead of waiting for Redis"
+    finally:
+        terminate([proc])
+
+
+def test_workers_open_no_rq_command_channel(home: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "failfirst", "worker", "-n", "2"],
+        env=dict(os.environ), stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        pids = set(started_pids(proc, 2))
+        redis = wait_until(reachable_redis, timeout=30)
+        wait_until(lambda: pids <= {w.pid for w in Worker.all(connection=redis)}, timeout=30)
+        # RQ's stop waited up to a second for this channel's listener thread.
+        assert redis.pubsub_channels("rq:pubsub:*") == []  # type: ignore[union-attr]
+    finally:
+        terminate([proc])
+
+
+def test_supervisor_waits_for_every_worker_to_report_ready_or_die() -> None:
+    ready, dead, silent = os.pipe(), os.pipe(), os.pipe()
+    os.write(ready[1], b"1")
+    os.close(dead[1])  # a worker that died before reporting closes its end
+    _await_ready([ready[0], dead[0]], timeout=60)
+    os.close(ready[1])
+    # Every read end is closed once the wait is over, whatever ended it.
+    for fd in (ready[0], dead[0]):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    _await_ready([silent[0]], timeout=0.05)
+    with pytest.raises(OSError):
+        os.fstat(silent[0])
+    os.close(silent[1])

@@ -41,9 +41,11 @@ class FaultLog:
     entries: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, kind: str, detail: str) -> None:
+    def add(self, kind: str, detail: str, at: float | None = None) -> None:
+        """Log a fault now, or at `at` seconds into the run for one that keeps its own clock."""
+        t = time.time() - self.started if at is None else at
         with self.lock:
-            self.entries.append({"t": round(time.time() - self.started, 3), "kind": kind, "detail": detail})
+            self.entries.append({"t": round(t, 3), "kind": kind, "detail": detail})
 
 
 def run_schema(run_dir: Path) -> str:
@@ -222,8 +224,14 @@ class ChaosRun:
 
     # ------------------------------------------------------------ faults
     def inject(self, sup: Any) -> None:
+        """Inject the scenario's faults on the run's clock (seconds since `log.started`).
+
+        The workers' latency storm is a wall-clock window on that clock; it is
+        logged at its window's edges, which the workers keep whatever moment
+        this loop notices them.
+        """
         scn = self.scn
-        t0 = time.monotonic()
+        t0 = time.monotonic() - (time.time() - self.log.started)
         outage = parse_outage(scn.redis_outage) if scn.redis_outage else None
         outage_done = flush_done = False
         storm = parse_storm(scn.latency_storm) if scn.latency_storm else None
@@ -268,10 +276,12 @@ class ChaosRun:
                 self.log.add("redis-up", "redis restarted")
             if storm and storm_state == 0 and elapsed >= storm[1]:
                 storm_state = 1
-                self.log.add("latency-storm", f"every provider call +{storm[0]:g} ms for {storm[2]:g}s")
+                self.log.add(
+                    "latency-storm", f"every provider call +{storm[0]:g} ms for {storm[2]:g}s", at=storm[1]
+                )
             if storm and storm_state == 1 and elapsed >= storm[1] + storm[2]:
                 storm_state = 2
-                self.log.add("latency-storm-end", "provider latency back to normal")
+                self.log.add("latency-storm-end", "provider latency back to normal", at=storm[1] + storm[2])
             if scn.redis_flush >= 0 and not flush_done and elapsed >= scn.redis_flush:
                 flush_done = True
                 with contextlib.suppress(Exception):
@@ -331,11 +341,13 @@ class ChaosRun:
             faults = replace(self.settings.faults, storm=(ms, started + at, started + at + seconds))
             self.settings = replace(self.settings, faults=faults)
         sup = self.pool = self.workers()
-        sup.start()
+        # The load and the faults run on the run's clock from its first instant;
+        # workers coming up is part of the system under test, not a pause before it.
         fault_thread = threading.Thread(target=self.inject, args=(sup,), daemon=True)
         fault_thread.start()
         placing = threading.Thread(target=self.place_all, daemon=True)
         placing.start()
+        sup.start()
         deadline = time.monotonic() + self.scn.deadline
         timeline: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
