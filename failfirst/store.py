@@ -148,12 +148,12 @@ def _begin_immediate(raw: sqlite3.Connection) -> None:
             return
         except sqlite3.OperationalError as exc:
             now = time.monotonic()
-            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or (deadline and now >= deadline):
+            busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY  # any SQLITE_BUSY_* as well
+            if not busy or (deadline and now >= deadline):
                 raise DBAPIError.instance("BEGIN IMMEDIATE", (), exc, sqlite3.Error) from exc
             deadline = deadline or now + BUSY_TIMEOUT_MS / 1000
         time.sleep(pause)
         pause = min(pause * 2, BEGIN_MAX_PAUSE)
-
 
 
 def get_engine(url: str, *, readonly: bool = False) -> Engine:
