@@ -118,6 +118,23 @@ def test_redis_flush_scenario_passes(home: Path) -> None:
 
 
 @needs_embedded_redis  # failfirst never stops a server it did not start
+def test_redis_outage_at_the_first_instant_holds_for_its_whole_window(home: Path) -> None:
+    out, report = run_json(
+        "demo", "--orders", "30", "--payment-fail", "0", "--inventory-fail", "0", "--redis-outage", "1.5@0"
+    )
+    assert out.returncode == 0, failed_verdicts(report)
+    times = {f["kind"]: f["t"] for f in report["faults"]}
+    assert times["redis-down"] < 0.5 and times["redis-up"] >= 1.5
+    # Faults start with the run, before the workers are up; no worker can take a job
+    # while Redis is down, so nothing settles before it is back.
+    settled_early = [
+        row for row in report["timeline"]
+        if row["t"] < times["redis-up"] and any(row.get(s) for s in ("COMPLETED", "CANCELLED", "DEAD_LETTERED"))
+    ]
+    assert not settled_early, settled_early[0]
+
+
+@needs_embedded_redis  # failfirst never stops a server it did not start
 def test_redis_outage_and_flush_scenarios_pass(home: Path) -> None:
     out, report = run_json("redis-outage", "--orders", "100")
     assert out.returncode == 0, failed_verdicts(report)

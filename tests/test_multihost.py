@@ -23,12 +23,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import needs_servers, wait_until
+from conftest import needs_embedded_redis, needs_servers, wait_until
+from rq.worker import Worker
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from failfirst import config, connections, models, store
+from failfirst.chaos.hosts import Hosts
 from failfirst.checker import check_store
+from failfirst.embedded import EmbeddedRedis
 from failfirst.gateway import Gateway, PlaceRequest
 from failfirst.states import SETTLED
 
@@ -192,3 +195,29 @@ def test_hosts_starting_at_once_on_an_empty_store_agree_on_one_schema(home: Path
     for (out, err), code in results:
         assert code == 0, err
         assert len(json.loads(out)) == len(store.DEFAULT_CATALOGUE)
+
+
+@needs_embedded_redis
+def test_host_that_cannot_start_while_redis_is_down_is_started_again(home: Path, tmp_path: Path) -> None:
+    settings = config.load()
+    server = EmbeddedRedis(home)
+    lab = Hosts(settings, 1, 1, tmp_path / "run", server.url)
+    lab.start()
+    try:
+        # Its `failfirst worker` finds no Redis and exits; the lab must notice and start it again.
+        def died() -> bool:
+            lab.tick()
+            return any(ev.kind == "died" for ev in lab.events)
+
+        wait_until(died, timeout=60)
+        server.start()
+        redis = connections.get_redis(settings, start=False)
+
+        def serving() -> bool:
+            lab.tick()
+            return bool(lab.pids()) and bool(Worker.all(connection=redis))
+
+        wait_until(serving, timeout=60)
+        assert [ev.kind for ev in lab.events].count("started") >= 2
+    finally:
+        lab.stop()

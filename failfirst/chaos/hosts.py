@@ -90,11 +90,23 @@ class Hosts:
         return f"host-{index + 1}"
 
     def tick(self) -> None:
-        """Restart the hosts whose pause is over."""
+        """Restart the hosts whose pause is over, and pause the ones that ended on their own.
+
+        A host's `failfirst worker` exits by itself when it cannot start, for
+        instance when it is restarted while Redis is down; like a service
+        manager, the lab starts it again after RESTART_DELAY instead of running
+        on with one host fewer.
+        """
         now = time.monotonic()
         with self._lock:
             if self._stopped:
                 return
+            for index, proc in enumerate(self.procs):
+                if index not in self._due and proc.poll() is not None:
+                    self.events.append(
+                        WorkerEvent(time.time(), "died", proc.pid, f"host-{index + 1} exit {proc.returncode}")
+                    )
+                    self._due[index] = now + RESTART_DELAY
             for index, due in list(self._due.items()):
                 if now >= due:
                     del self._due[index]
