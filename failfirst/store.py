@@ -140,18 +140,16 @@ def _begin_immediate(raw: sqlite3.Connection) -> None:
     Every statement of a write connection runs inside a transaction begun here,
     so its busy timeout is 0 and this loop is the only wait.
     """
-    deadline = 0.0
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
     pause = BEGIN_FIRST_PAUSE
     while True:
         try:
             raw.execute("BEGIN IMMEDIATE")
             return
         except sqlite3.OperationalError as exc:
-            now = time.monotonic()
             busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY  # any SQLITE_BUSY_* as well
-            if not busy or (deadline and now >= deadline):
+            if not busy or time.monotonic() >= deadline:
                 raise DBAPIError.instance("BEGIN IMMEDIATE", (), exc, sqlite3.Error) from exc
-            deadline = deadline or now + BUSY_TIMEOUT_MS / 1000
         time.sleep(pause)
         pause = min(pause * 2, BEGIN_MAX_PAUSE)
 
