@@ -2,7 +2,7 @@
 
 One pass finds orders that are owed work (they have an outbox row) but that no
 live job will deliver: never enqueued (Redis was down at placement), lost
-(Redis restarted empty, FLUSHALL), held by a worker that died (its lease
+(Redis restarted empty, FLUSHDB), held by a worker that died (its lease
 expired), or a retry whose scheduled job vanished. It enqueues each again under
 its current job id, so a pass that races another reconciler collapses into one
 job, and a duplicate delivery is refused by the lease anyway. A retry still

@@ -70,6 +70,9 @@ class Supervisor:
     burst: bool = False
     on_event: Callable[[WorkerEvent], None] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # False when the caller owns Redis: a chaos run stops it on purpose, and
+    # starting it again here would cut a scheduled outage short.
+    start_redis: bool = True
 
     def __post_init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -164,9 +167,10 @@ class Supervisor:
         with self._lock:
             self.procs = [self._spawn(ready) for _ in range(self.count)]
         try:
-            from failfirst.connections import get_redis
+            if self.start_redis:
+                from failfirst.connections import get_redis
 
-            get_redis(self.settings)
+                get_redis(self.settings)
             _await_ready(ready, READY_WAIT)
             from failfirst import store
 

@@ -160,3 +160,31 @@ def test_supervisor_waits_for_every_worker_to_report_ready_or_die() -> None:
     with pytest.raises(OSError):
         os.fstat(silent[0])
     os.close(silent[1])
+
+
+@needs_embedded_redis
+def test_supervisor_that_does_not_own_redis_leaves_it_down_and_its_workers_wait(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from failfirst import supervisor
+
+    monkeypatch.setattr(supervisor, "READY_WAIT", 0.2)
+    settings = config.load()
+    sup = supervisor.Supervisor(settings, count=1, start_redis=False)
+    sup.start()
+    try:
+        # A chaos run's outage at its first instant: the pool must not end it.
+        assert not EmbeddedRedis(home).running()
+        EmbeddedRedis(home).start()
+        redis = connections.get_redis(settings, start=False)
+        gateway = Gateway(settings, store.open_store(settings.database_url), redis)
+        order = gateway.place(PlaceRequest("cust", "KB-101", 1, "waited")).order_id
+        o = models.orders
+
+        def completed() -> bool:
+            with store.open_store(settings.database_url).connect() as conn:
+                return conn.execute(select(o.c.state).where(o.c.id == order)).scalar_one() == "COMPLETED"
+
+        wait_until(completed, timeout=60)
+    finally:
+        sup.stop()

@@ -271,6 +271,7 @@ class ChaosRun:
                 self.log.add("redis-down", f"redis stopped for {outage[0]}s")
                 if self.stop_faults.wait(outage[0]):
                     server.start()
+                    self.log.add("redis-up", "redis restarted as the run ended")
                     return
                 server.start()
                 self.log.add("redis-up", "redis restarted")
@@ -330,7 +331,7 @@ class ChaosRun:
 
             url = redis_url(self.settings, start=False)
             return Hosts(self.settings, self.scn.hosts, self.scn.workers, self.dir, url)
-        return Supervisor(self.settings, count=self.scn.workers)
+        return Supervisor(self.settings, count=self.scn.workers, start_redis=False)
 
     def _execute(self) -> dict[str, Any]:
         self.prepare()
