@@ -164,13 +164,20 @@ class Supervisor:
         wait, since the workers wait for it.
         """
         ready: list[int] = []
-        with self._lock:
-            self.procs = [self._spawn(ready) for _ in range(self.count)]
         try:
+            with self._lock:
+                for _ in range(self.count):
+                    self.procs.append(self._spawn(ready))
             if self.start_redis:
                 from failfirst.connections import get_redis
 
                 get_redis(self.settings)
+        except BaseException:
+            for fd in ready:
+                os.close(fd)
+            self.stop()
+            raise
+        try:
             _await_ready(ready, READY_WAIT)
             from failfirst import store
 

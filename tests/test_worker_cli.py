@@ -188,3 +188,18 @@ def test_supervisor_that_does_not_own_redis_leaves_it_down_and_its_workers_wait(
         wait_until(completed, timeout=60)
     finally:
         sup.stop()
+
+
+def test_supervisor_that_cannot_reach_redis_leaves_no_worker_and_no_open_pipe(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from failfirst import supervisor
+
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    fds_before = set(os.listdir("/proc/self/fd"))
+    sup = supervisor.Supervisor(config.load(), count=2)
+    with pytest.raises(RedisUnavailable):
+        sup.start()
+    assert len(sup.procs) == 2
+    assert all(proc.poll() is not None for proc in sup.procs)
+    assert set(os.listdir("/proc/self/fd")) <= fds_before
