@@ -124,7 +124,7 @@ def test_redis_outage_at_the_first_instant_holds_for_its_whole_window(home: Path
     )
     assert out.returncode == 0, failed_verdicts(report)
     times = {f["kind"]: f["t"] for f in report["faults"]}
-    assert times["redis-down"] < 0.5 and times["redis-up"] >= 1.5
+    assert times["redis-up"] - times["redis-down"] >= 1.5
     # Faults start with the run, before the workers are up; no worker can take a job
     # while Redis is down, so nothing settles before it is back.
     settled_early = [
