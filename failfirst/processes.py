@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def terminate(procs: Sequence[subprocess.Popen[bytes]], grace: float = 10.0, *, group: bool = False) -> None:
@@ -34,6 +35,20 @@ def terminate(procs: Sequence[subprocess.Popen[bytes]], grace: float = 10.0, *, 
         elif proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def running(pid: int) -> bool:
+    """Whether a process of this machine still runs: exists and is not a zombie waiting to be reaped."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return True
 
 
 def exit_without_collecting() -> None:

@@ -5,7 +5,8 @@ The supervisor owns three loops besides the workers themselves:
 - RQ's scheduler, run here (not inside a worker) so that killing workers never
   takes delayed retries down with them, polling every `scheduler_interval`;
 - the reconciler, every `reconcile_interval`, which re-drives orders whose
-  worker died and enqueues orders the queue lost.
+  worker died and enqueues orders the queue lost, and strikes this machine's
+  dead workers from RQ's registry (see `prune_dead_workers`).
 The supervisor touches only the database and Redis, so supervisors on several
 hosts can share one store and one Redis. It imports the database layer only
 once its workers are set up (see `start`), so that their start-up is not slowed
@@ -27,14 +28,47 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from failfirst.config import Settings, settings_env
-from failfirst.processes import terminate
+from failfirst.processes import running, terminate
 from failfirst.workerproc import READY_FD_ENV
+
+if TYPE_CHECKING:
+    from redis import Redis
+    from rq.worker import Worker
 
 log = logging.getLogger("failfirst.supervisor")
 
 READY_WAIT = 5.0
+
+
+def _unregister(redis: Redis, worker: Worker) -> None:
+    from rq.worker_registration import unregister
+
+    unregister(worker)
+    redis.delete(worker.key)
+
+
+def prune_dead_workers(redis: Redis) -> list[str]:
+    """Strike from RQ's registry the workers of this machine whose process is gone; their names.
+
+    A supervisor forgets the workers it sees die (`Supervisor._forget`), but
+    when it dies with them (a host's whole process group killed) nobody does,
+    and their entries stay listed, some "busy", until their key expires (RQ's
+    worker TTL, minutes). Any supervisor on the same machine can tell from
+    their PIDs that they are dead; supervisors elsewhere cannot and leave them
+    alone. A hostname is taken to name one machine (one PID namespace).
+    """
+    from rq.worker import Worker
+
+    here = socket.gethostname()
+    pruned = []
+    for worker in Worker.all(connection=redis):
+        if worker.hostname == here and worker.pid and not running(worker.pid):
+            _unregister(redis, worker)
+            pruned.append(worker.name)
+    return pruned
 
 
 def _await_ready(fds: list[int], timeout: float) -> None:
@@ -132,7 +166,6 @@ class Supervisor:
             return
         from redis.exceptions import RedisError
         from rq.worker import Worker
-        from rq.worker_registration import unregister
 
         from failfirst.connections import get_redis
         from failfirst.errors import RedisUnavailable
@@ -141,8 +174,7 @@ class Supervisor:
             redis = get_redis(self.settings, start=False, check=False)
             worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + name, connection=redis)
             if worker is not None:
-                unregister(worker)
-                redis.delete(worker.key)
+                _unregister(redis, worker)
 
     def _emit(self, kind: str, pid: int, detail: str = "") -> None:
         event = WorkerEvent(time.time(), kind, pid, detail)
@@ -279,6 +311,7 @@ class Supervisor:
                 redis = get_redis(self.settings, start=False, check=False)
                 engine = store.get_engine(self.settings.database_url, readonly=True)
                 report = reconcile(engine, redis, order_queue(redis, self.settings.queue))
+                prune_dead_workers(redis)
                 if report.total:
                     self.reconciled += report.total
                     self._emit(

@@ -11,6 +11,7 @@ from pathlib import Path
 from conftest import needs_embedded_redis, wait_until
 
 from failfirst.embedded import EmbeddedRedis
+from failfirst.processes import running
 
 pytestmark = needs_embedded_redis
 
@@ -26,17 +27,6 @@ def started_pid(out: str) -> int:
     match = re.search(r"pid (\d+)", out)
     assert match, out
     return int(match.group(1))
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def test_up_down_up_and_a_second_up_reuses_the_server(home: Path) -> None:
@@ -57,7 +47,7 @@ def test_up_down_up_and_a_second_up_reuses_the_server(home: Path) -> None:
     assert "stopped" in down.stdout
     assert not server.socket.exists()
     assert not server.pidfile.exists()
-    wait_until(lambda: not alive(pid), timeout=10)
+    wait_until(lambda: not running(pid), timeout=10)
     assert not server.running()
 
     third = cli("up")
@@ -77,7 +67,7 @@ def test_sigkilled_server_is_reported_down_and_replaced(home: Path) -> None:
     old = started_pid(up.stdout)
 
     assert server.kill() == old
-    wait_until(lambda: not alive(old), timeout=10)
+    wait_until(lambda: not running(old), timeout=10)
 
     status = cli("status")
     assert status.returncode == 0, status.stderr

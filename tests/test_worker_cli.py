@@ -19,18 +19,9 @@ from failfirst import config, connections, models, store
 from failfirst.embedded import EmbeddedRedis
 from failfirst.errors import RedisUnavailable
 from failfirst.gateway import Gateway, PlaceRequest
-from failfirst.processes import terminate
+from failfirst.processes import running, terminate
 from failfirst.supervisor import _await_ready
 from tests.conftest import needs_embedded_redis, needs_sqlite, wait_until
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().split()[2] == "Z")
 
 
 def reachable_redis() -> Redis | None:
@@ -63,7 +54,7 @@ def test_worker_command_stops_every_worker_process_on_signal(home: Path, sig: si
         assert len(pids) == 2
         proc.send_signal(sig)
         assert proc.wait(timeout=60) == 0
-        wait_until(lambda: not any(alive(p) for p in pids), timeout=30)
+        wait_until(lambda: not any(running(p) for p in pids), timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -83,12 +74,12 @@ def test_worker_killed_with_sigkill_is_replaced_by_the_supervisor(home: Path) ->
         os.kill(first, signal.SIGKILL)
         (second,) = started_pids(proc, 1)
         assert second != first
-        assert alive(second)
+        assert running(second)
         # The dead worker cannot unregister itself; the supervisor strikes it from RQ's registry.
         wait_until(lambda: {w.pid for w in Worker.all(connection=redis)} == {second}, timeout=30)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        wait_until(lambda: not alive(second), timeout=30)
+        wait_until(lambda: not running(second), timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -203,3 +194,34 @@ def test_supervisor_that_cannot_reach_redis_leaves_no_worker_and_no_open_pipe(
     assert len(sup.procs) == 2
     assert all(proc.poll() is not None for proc in sup.procs)
     assert set(os.listdir("/proc/self/fd")) <= fds_before
+
+
+def test_workers_of_a_killed_host_are_struck_from_rqs_registry_by_a_supervisor_on_the_same_machine(
+    home: Path,
+) -> None:
+    from failfirst.supervisor import Supervisor
+
+    redis = connections.get_redis(config.load())
+    host = subprocess.Popen(
+        [sys.executable, "-m", "failfirst", "worker", "-n", "1"],
+        env=dict(os.environ), stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        [pid] = started_pids(host, 1)
+
+        def registered() -> set[int | None]:
+            return {w.pid for w in Worker.all(connection=redis)}
+
+        wait_until(lambda: pid in registered(), timeout=60)
+        os.killpg(host.pid, signal.SIGKILL)  # the whole host: its supervisor cannot forget the worker
+        host.wait()
+        wait_until(lambda: not running(pid), timeout=30)
+        assert pid in registered()
+        survivor = Supervisor(config.load(), count=1)
+        survivor.start()
+        try:
+            wait_until(lambda: pid not in registered(), timeout=60)
+        finally:
+            survivor.stop()
+    finally:
+        terminate([host], group=True)
