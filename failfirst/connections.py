@@ -24,6 +24,22 @@ def redis_url(settings: Settings, *, start: bool = True) -> str:
     return server.url
 
 
+def hide_password(url: str) -> str:
+    """`url` with its password replaced by ***: URLs end up in error messages and reports."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.split(":", 1)[0]
+    return parts._replace(netloc=f"{name}:***@{host}").geturl()
+
+
 def describe_redis(settings: Settings) -> str:
     if settings.redis_url:
         from redis.connection import parse_url
@@ -31,7 +47,7 @@ def describe_redis(settings: Settings) -> str:
         try:
             parts = parse_url(settings.redis_url)
         except ValueError:
-            return settings.redis_url
+            return hide_password(settings.redis_url)
         host = parts.get("path") or f"{parts.get('host', 'localhost')}:{parts.get('port', 6379)}"
         return f"{host} db {parts.get('db', 0)}"
     return f"embedded, {EmbeddedRedis(settings.home).socket}"
@@ -50,7 +66,7 @@ def get_redis(settings: Settings, *, start: bool = True, check: bool = True) -> 
                 url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
             )
         except ValueError as exc:
-            raise RedisUnavailable(f"REDIS_URL {url!r} is not a Redis URL ({exc})") from None
+            raise RedisUnavailable(f"REDIS_URL {hide_password(url)!r} is not a Redis URL ({exc})") from None
         _clients[url] = client
     if check:
         try:
