@@ -77,7 +77,14 @@ def get_redis(settings: Settings, *, start: bool = True, check: bool = True) -> 
 
 
 def unavailable(settings: Settings, exc: Exception) -> RedisUnavailable:
+    from redis.exceptions import AuthenticationError
+
     cause = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    if isinstance(exc, AuthenticationError):
+        return RedisUnavailable(
+            f"Redis at {describe_redis(settings)} refused the credentials ({cause}); "
+            "check the user and password in REDIS_URL"
+        )
     if settings.redis_url:
         fix = "start that server or unset REDIS_URL to use the embedded one"
     else:
