@@ -11,9 +11,10 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
-def terminate(procs: Sequence[subprocess.Popen[bytes]], grace: float = 10.0, *, group: bool = False) -> None:
+def terminate(procs: Sequence[subprocess.Popen[Any]], grace: float = 10.0, *, group: bool = False) -> None:
     """SIGTERM each process still running, give them `grace` seconds in all, then SIGKILL.
 
     One shared deadline, not one per process, so stopping many takes `grace`

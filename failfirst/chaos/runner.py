@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from failfirst import config, models, store
+from failfirst.chaos.claim import claim, renew
 from failfirst.chaos.hosts import RESTART_DELAY, Hosts
 from failfirst.chaos.scenario import Scenario, parse_outage, parse_storm
 from failfirst.chaos.scenario import load as load_scenario
@@ -144,6 +145,14 @@ class ChaosRun:
 
     # ------------------------------------------------------------ set-up
     def prepare(self) -> None:
+        """Redis first: a database the run may not take is refused before anything is created."""
+        if not self.external_redis:
+            EmbeddedRedis(self.dir).start()
+        from failfirst.connections import describe_redis, get_redis
+
+        self.redis = get_redis(self.settings)
+        if self.external_redis:
+            claim(self.redis, describe_redis(self.settings), self.dir.name)
         if self.schema is not None:
             store.create_schema(self.base_db_url, self.schema)
         engine = store.open_store(self.settings.database_url, seed=False)
@@ -152,13 +161,6 @@ class ChaosRun:
             tuple((sku, name, price, self.scn.stock) for sku, name, price, _ in store.DEFAULT_CATALOGUE),
         )
         self.engine = engine
-        if not self.external_redis:
-            EmbeddedRedis(self.dir).start()
-        from failfirst.connections import get_redis
-
-        self.redis = get_redis(self.settings)
-        if self.external_redis:
-            self.redis.flushdb()
 
     # ------------------------------------------------------------ load
     def place_all(self) -> None:
@@ -238,9 +240,14 @@ class ChaosRun:
         storm_state = 0
         rng = random.Random(scn.seed * 31 + 7)
         next_kill = t0 + (rng.expovariate(scn.kill_workers) if scn.kill_workers else 1e18)
+        renewed = t0
         while not self.stop_faults.wait(0.02):
             now = time.monotonic()
             elapsed = now - t0
+            if self.external_redis and now - renewed >= 1.0:
+                renewed = now
+                with contextlib.suppress(Exception):
+                    renew(self.redis, self.dir.name)
             if isinstance(sup, Hosts):
                 sup.tick()
             if scn.kill_workers and now >= next_kill:
@@ -288,6 +295,8 @@ class ChaosRun:
                 with contextlib.suppress(Exception):
                     self.redis.flushdb()
                     self.log.add("redis-flush", "FLUSHDB: every queued and scheduled job lost")
+                    if self.external_redis:
+                        renew(self.redis, self.dir.name)
 
     # ------------------------------------------------------------ observation
     def counts(self) -> dict[str, int]:
