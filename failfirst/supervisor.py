@@ -50,8 +50,8 @@ def _unregister(redis: Redis, worker: Worker) -> None:
     redis.delete(worker.key)
 
 
-def prune_dead_workers(redis: Redis) -> list[str]:
-    """Strike from RQ's registry the workers of this machine whose process is gone; their names.
+def prune_dead_workers(redis: Redis) -> None:
+    """Strike from RQ's registry the workers of this machine whose process is gone.
 
     A supervisor forgets the workers it sees die (`Supervisor._forget`), but
     when it dies with them (a host's whole process group killed) nobody does,
@@ -63,12 +63,9 @@ def prune_dead_workers(redis: Redis) -> list[str]:
     from rq.worker import Worker
 
     here = socket.gethostname()
-    pruned = []
     for worker in Worker.all(connection=redis):
         if worker.hostname == here and worker.pid and not running(worker.pid):
             _unregister(redis, worker)
-            pruned.append(worker.name)
-    return pruned
 
 
 def _await_ready(fds: list[int], timeout: float) -> None:
