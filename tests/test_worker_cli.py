@@ -31,6 +31,22 @@ def reachable_redis() -> Redis | None:
         return None
 
 
+def start_redis_and_drive_one_order(home: Path, key: str) -> None:
+    """Start the embedded Redis, place one order, and wait until a worker already running completes it."""
+    settings = config.load()
+    EmbeddedRedis(home).start()
+    redis = connections.get_redis(settings, start=False)
+    gateway = Gateway(settings, store.open_store(settings.database_url), redis)
+    order = gateway.place(PlaceRequest("cust", "KB-101", 1, key)).order_id
+    o = models.orders
+
+    def completed() -> bool:
+        with store.open_store(settings.database_url).connect() as conn:
+            return conn.execute(select(o.c.state).where(o.c.id == order)).scalar_one() == "COMPLETED"
+
+    wait_until(completed, timeout=60)
+
+
 def started_pids(proc: subprocess.Popen[str], count: int) -> list[int]:
     pids: list[int] = []
     deadline = time.monotonic() + 60
@@ -105,17 +121,7 @@ def test_worker_started_before_redis_answers_waits_for_it_and_then_drives_orders
 
         wait_until(holds_store_open, timeout=60)
         assert proc.poll() is None
-        EmbeddedRedis(home).start()
-        redis = connections.get_redis(settings, start=False)
-        gateway = Gateway(settings, store.open_store(settings.database_url), redis)
-        order = gateway.place(PlaceRequest("cust", "KB-101", 1, "early")).order_id
-        o = models.orders
-
-        def completed() -> bool:
-            with store.open_store(settings.database_url).connect() as conn:
-                return conn.execute(select(o.c.state).where(o.c.id == order)).scalar_one() == "COMPLETED"
-
-        wait_until(completed, timeout=60)
+        start_redis_and_drive_one_order(home, "early")
         assert proc.poll() is None, "the worker died instead of waiting for Redis"
     finally:
         terminate([proc])
@@ -166,17 +172,7 @@ def test_supervisor_that_does_not_own_redis_leaves_it_down_and_its_workers_wait(
     try:
         # A chaos run's outage at its first instant: the pool must not end it.
         assert not EmbeddedRedis(home).running()
-        EmbeddedRedis(home).start()
-        redis = connections.get_redis(settings, start=False)
-        gateway = Gateway(settings, store.open_store(settings.database_url), redis)
-        order = gateway.place(PlaceRequest("cust", "KB-101", 1, "waited")).order_id
-        o = models.orders
-
-        def completed() -> bool:
-            with store.open_store(settings.database_url).connect() as conn:
-                return conn.execute(select(o.c.state).where(o.c.id == order)).scalar_one() == "COMPLETED"
-
-        wait_until(completed, timeout=60)
+        start_redis_and_drive_one_order(home, "waited")
     finally:
         sup.stop()
 

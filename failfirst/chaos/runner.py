@@ -145,9 +145,10 @@ class ChaosRun:
 
     # ------------------------------------------------------------ set-up
     def prepare(self) -> None:
-        """Redis first: a database the run may not take is refused before anything is created."""
-        if not self.external_redis:
-            EmbeddedRedis(self.dir).start()
+        """Redis first, so a database the run may not take is refused before anything is created.
+
+        Without REDIS_URL, `get_redis` starts the run's own embedded server.
+        """
         from failfirst.connections import describe_redis, get_redis
 
         self.redis = get_redis(self.settings)
