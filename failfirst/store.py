@@ -4,7 +4,7 @@ SQLite is the default and the hard case: several worker processes write to one
 file. It runs in WAL mode (readers never block the writer) with a busy timeout,
 and every write transaction starts with BEGIN IMMEDIATE so two writers queue on
 the lock instead of deadlocking when both try to upgrade a read lock; writers
-poll for that lock themselves (`_begin_immediate`).
+poll for that lock themselves (`_when_unlocked`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from failfirst import models
 from failfirst.errors import FailfirstError, StoreError
 
 BUSY_TIMEOUT_MS = 30_000
-BEGIN_FIRST_PAUSE = 0.00005
-BEGIN_MAX_PAUSE = 0.002
+LOCK_FIRST_PAUSE = 0.00005
+LOCK_MAX_PAUSE = 0.002
 
 DEFAULT_CATALOGUE: tuple[tuple[str, str, int, int], ...] = (
     ("KB-101", "Mechanical keyboard", 8900, 1000),
@@ -112,10 +112,13 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:
         dbapi_conn.isolation_level = None
+        # Processes opening a fresh file at once all switch it to WAL; SQLite
+        # refuses all but one with SQLITE_BUSY without waiting (a deadlock
+        # between lock upgrades), so this statement polls like BEGIN IMMEDIATE.
+        _when_unlocked(dbapi_conn, "PRAGMA journal_mode=WAL")
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
-        # A write connection waits for the lock in `_begin_immediate`, not in SQLite.
+        # A write connection waits for the lock in `_when_unlocked`, not in SQLite.
         cur.execute(f"PRAGMA busy_timeout={0 if immediate else BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA foreign_keys=OFF")
         cur.close()
@@ -123,16 +126,17 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         if immediate:
-            _begin_immediate(conn.connection.dbapi_connection)  # type: ignore[arg-type]
+            _when_unlocked(conn.connection.dbapi_connection, "BEGIN IMMEDIATE")  # type: ignore[arg-type]
         else:
             conn.exec_driver_sql("BEGIN")
 
     return engine
 
 
-def _begin_immediate(raw: sqlite3.Connection) -> None:
-    """Take SQLite's write lock, polling every 50 us to 2 ms until BUSY_TIMEOUT_MS passes.
+def _when_unlocked(raw: sqlite3.Connection, sql: str) -> None:
+    """Run `sql` once SQLite lets it, polling every 50 us to 2 ms until BUSY_TIMEOUT_MS passes.
 
+    Used for BEGIN IMMEDIATE (SQLite's write lock) and for the switch to WAL.
     SQLite's own busy handler sleeps 1, 2, 5, 10 ... 100 ms between tries, while
     a worker's transaction holds the lock for about 50 us: two workers that
     collided lost a millisecond or more each time, and under a burst one of them
@@ -141,17 +145,17 @@ def _begin_immediate(raw: sqlite3.Connection) -> None:
     so its busy timeout is 0 and this loop is the only wait.
     """
     deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-    pause = BEGIN_FIRST_PAUSE
+    pause = LOCK_FIRST_PAUSE
     while True:
         try:
-            raw.execute("BEGIN IMMEDIATE")
+            raw.execute(sql)
             return
         except sqlite3.OperationalError as exc:
             busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY  # any SQLITE_BUSY_* as well
             if not busy or time.monotonic() >= deadline:
-                raise DBAPIError.instance("BEGIN IMMEDIATE", (), exc, sqlite3.Error) from exc
+                raise DBAPIError.instance(sql, (), exc, sqlite3.Error) from exc
         time.sleep(pause)
-        pause = min(pause * 2, BEGIN_MAX_PAUSE)
+        pause = min(pause * 2, LOCK_MAX_PAUSE)
 
 
 def get_engine(url: str, *, readonly: bool = False) -> Engine:

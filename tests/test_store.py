@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
 import threading
 import time
@@ -64,3 +65,31 @@ def test_write_transaction_gives_up_as_database_is_locked_after_the_busy_timeout
         holder.close()
     with engine.connect() as conn:
         assert conn.execute(text("SELECT min(stock) FROM products")).scalar_one() == 1000
+
+
+def _connect_at_the_barrier(url: str, barrier: object, results: object) -> None:
+    engine = store.get_engine(url)
+    barrier.wait()  # type: ignore[attr-defined]
+    try:
+        engine.connect().close()
+        results.put("ok")  # type: ignore[attr-defined]
+    except OperationalError as exc:
+        results.put(str(exc.orig))  # type: ignore[attr-defined]
+
+
+def test_processes_opening_a_fresh_file_at_once_all_switch_it_to_wal(tmp_path: Path) -> None:
+    # SQLite answers all but one of them SQLITE_BUSY at once, without its busy
+    # handler; before the switch polled for the lock, several of these trials failed.
+    fork = multiprocessing.get_context("fork")
+    failures = []
+    for trial in range(60):
+        url = f"sqlite:///{tmp_path / f'fresh-{trial}.db'}"
+        barrier, results = fork.Barrier(3), fork.Queue()
+        procs = [fork.Process(target=_connect_at_the_barrier, args=(url, barrier, results)) for _ in range(3)]
+        for proc in procs:
+            proc.start()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=60)
+        failures += [o for o in outcomes if o != "ok"]
+    assert not failures, failures[:3]
