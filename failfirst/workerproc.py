@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 from failfirst.processes import exit_without_collecting
 
 if TYPE_CHECKING:
+    from rq.worker import SimpleWorker
+
     from failfirst.pipeline import Context
 
 REDIS_WAIT = 5.0
@@ -92,20 +94,37 @@ def _report_ready() -> None:
         os.close(int(fd))
 
 
-def main() -> None:
-    _die_with_parent()
-    exit_without_collecting()
+def rq_worker(ctx: Context, name: str | None) -> SimpleWorker:
+    """The RQ worker for `ctx`, without a command channel, on connections that wait as long as its dequeue.
+
+    RQ raises the client's socket timeout above its blocking dequeue's (minutes)
+    by editing the pool's settings, which only connections made afterwards
+    read. `_connect` has already made one with `get_redis`'s 5 s; an idle
+    worker's BLPOP on it timed out every 5 s and RQ backed off (1, 2, 4 ...
+    up to 60 s) before it looked at the queue again, so an order placed
+    after a quiet minute could wait that long. The pool is emptied here so
+    that every connection is made with RQ's timeout.
+    """
     from rq.worker import SimpleWorker
 
     class Worker(SimpleWorker):
         def subscribe(self) -> None:
             """No command channel: see the module docstring."""
 
+    worker = Worker([ctx.queue], connection=ctx.redis, name=name)
+    ctx.redis.connection_pool.disconnect()
+    ctx.redis.connection_pool.reset()
+    return worker
+
+
+def main() -> None:
+    _die_with_parent()
+    exit_without_collecting()
     ctx = _connect()
     name = sys.argv[1] if len(sys.argv) > 1 else None
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=(stop,), daemon=True, name="lease-heartbeat").start()
-    worker = Worker([ctx.queue], connection=ctx.redis, name=name)
+    worker = rq_worker(ctx, name)
     _report_ready()
     level = os.environ.get("FAILFIRST_WORKER_LOG", "WARNING")
     try:

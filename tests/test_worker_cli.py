@@ -221,3 +221,19 @@ def test_workers_of_a_killed_host_are_struck_from_rqs_registry_by_a_supervisor_o
             survivor.stop()
     finally:
         terminate([host], group=True)
+
+
+def test_worker_dequeues_on_connections_with_rqs_socket_timeout_not_the_clients(home: Path) -> None:
+    from failfirst.pipeline import context
+    from failfirst.workerproc import rq_worker
+
+    connections.get_redis(config.load())  # the embedded server, unless the suite runs on one
+    ctx = context()  # pings: the pool now holds a connection made with get_redis's 5 s
+    worker = rq_worker(ctx, "timeout-check")
+    pool = ctx.redis.connection_pool
+    conn = pool.get_connection()
+    try:
+        # An idle worker blocks this long in BLPOP; a shorter socket timeout made it back off instead.
+        assert conn.socket_timeout is not None and conn.socket_timeout > worker.dequeue_timeout
+    finally:
+        pool.release(conn)
