@@ -147,9 +147,12 @@ def _pgid(pid: int) -> int | None:
 
 
 def test_multi_host_scenario_kills_whole_hosts_and_passes_every_invariant(home: Path) -> None:
+    # Seed 87 draws the first kills at 1.8 s and 2.0 s of the run's clock: later than the
+    # hosts' spawn, earlier than 300 orders could settle on any machine. The scenario's own
+    # seed drew its first kill at 5.7 s, which a fast run can outlive (then no host dies).
     out = subprocess.run(
-        [sys.executable, "-m", "failfirst", "chaos", "run", "multi-host", "--orders", "200",
-         "--kill-workers", "0.5", "--json"],
+        [sys.executable, "-m", "failfirst", "chaos", "run", "multi-host", "--orders", "300",
+         "--seed", "87", "--kill-workers", "0.5", "--json"],
         env=dict(os.environ), capture_output=True, text=True, timeout=170,
     )
     assert out.stdout.strip(), out.stderr
