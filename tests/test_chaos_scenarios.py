@@ -115,6 +115,21 @@ def test_redis_flush_scenario_passes(home: Path) -> None:
     out, report = run_json("redis-flush", "--orders", "100")
     assert out.returncode == 0, failed_verdicts(report)
     assert "redis-flush" in {f["kind"] for f in report["faults"]}
+    assert report["faults_not_reached"] == []
+
+
+def test_faults_due_after_the_run_settled_are_reported_as_not_reached(home: Path) -> None:
+    late = ("demo", "--orders", "20", "--redis-flush", "300", "--latency-storm", "50@300+1",
+            "--kill-workers", "0.001")
+    out, report = run_json(*late)
+    assert out.returncode == 0, failed_verdicts(report)
+    missed = {f["kind"]: f["due_s"] for f in report["faults_not_reached"]}
+    assert set(missed) == {"redis-flush", "latency-storm", "kill-worker"}, missed
+    assert missed["redis-flush"] == missed["latency-storm"] == 300
+    assert missed["kill-worker"] > report["elapsed_s"] and report["worker_kills"] == 0
+    text = run_cli("chaos", "run", *late)
+    assert text.returncode == 0, text.stderr
+    assert "not reached" in text.stdout and "redis-flush due at 300s" in text.stdout
 
 
 @needs_embedded_redis  # failfirst never stops a server it did not start

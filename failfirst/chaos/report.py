@@ -50,6 +50,9 @@ def render(report: dict[str, Any]) -> Any:
     if report["kill_recovery_ms"]:
         rec = sorted(report["kill_recovery_ms"])
         head.add_row("recovery", f"worker replaced in median {rec[len(rec) // 2]} ms after a kill")
+    if report.get("faults_not_reached"):
+        due = ", ".join(f"{f['kind']} due at {f['due_s']:g}s" for f in report["faults_not_reached"])
+        head.add_row("not reached", f"[yellow]{due}: the run ended at {report['elapsed_s']}s, before them[/]")
 
     states = Table("final state", "orders", title="Final states")
     for s in STATE_ORDER:

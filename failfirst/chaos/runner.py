@@ -140,6 +140,7 @@ class ChaosRun:
         self.placed: dict[str, int] = {}
         self.duplicates_answered: list[tuple[str, int, int]] = []
         self.kills: list[dict[str, Any]] = []
+        self.first_kill_due: float | None = None
         self.stop_faults = threading.Event()
         self.pool: Any = None
 
@@ -241,6 +242,8 @@ class ChaosRun:
         storm_state = 0
         rng = random.Random(scn.seed * 31 + 7)
         next_kill = t0 + (rng.expovariate(scn.kill_workers) if scn.kill_workers else 1e18)
+        if scn.kill_workers:
+            self.first_kill_due = round(next_kill - t0, 3)
         renewed = t0
         while not self.stop_faults.wait(0.02):
             now = time.monotonic()
@@ -298,6 +301,27 @@ class ChaosRun:
                     self.log.add("redis-flush", "FLUSHDB: every queued and scheduled job lost")
                     if self.external_redis:
                         renew(self.redis, self.dir.name)
+
+    def unreached(self) -> list[dict[str, Any]]:
+        """The faults the scenario asked for that the run ended before injecting.
+
+        A run that settles early outlives none of its later faults; saying so
+        keeps a passing verdict from reading as proof against a fault that
+        never happened.
+        """
+        scn = self.scn
+        logged = {e["kind"] for e in self.log.entries}
+        due: list[dict[str, Any]] = []
+        if scn.kill_workers and not self.kills and self.first_kill_due is not None:
+            kind = "kill-host" if scn.hosts else "kill-worker"
+            due.append({"kind": kind, "due_s": self.first_kill_due})
+        if scn.redis_outage and not logged & {"redis-down", "redis-outage-skipped"}:
+            due.append({"kind": "redis-down", "due_s": parse_outage(scn.redis_outage)[1]})
+        if scn.redis_flush >= 0 and "redis-flush" not in logged:
+            due.append({"kind": "redis-flush", "due_s": scn.redis_flush})
+        if scn.latency_storm and "latency-storm" not in logged:
+            due.append({"kind": "latency-storm", "due_s": parse_storm(scn.latency_storm)[1]})
+        return due
 
     # ------------------------------------------------------------ observation
     def counts(self) -> dict[str, int]:
@@ -457,6 +481,7 @@ class ChaosRun:
                            "max": round(lat[-1], 1) if lat else None,
                            "mean": round(statistics.fmean(lat), 1) if lat else None},
             "faults": self.log.entries,
+            "faults_not_reached": self.unreached(),
             "worker_kills": len(self.kills),
             "kill_recovery_ms": recoveries,
             "dlq": [dict(r._mapping) for r in dlq_rows],
