@@ -66,7 +66,9 @@ def get_redis(settings: Settings, *, start: bool = True, check: bool = True) -> 
                 url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
             )
         except ValueError as exc:
-            raise RedisUnavailable(f"REDIS_URL {hide_password(url)!r} is not a Redis URL ({exc})") from None
+            raise RedisUnavailable(
+                f"REDIS_URL {hide_password(url)!r} is not a Redis URL ({exc})", state="malformed URL"
+            ) from None
         _clients[url] = client
     if check:
         try:
@@ -83,7 +85,8 @@ def unavailable(settings: Settings, exc: Exception) -> RedisUnavailable:
     if isinstance(exc, AuthenticationError):
         return RedisUnavailable(
             f"Redis at {describe_redis(settings)} refused the credentials ({cause}); "
-            "check the user and password in REDIS_URL"
+            "check the user and password in REDIS_URL",
+            state="credentials refused",
         )
     if settings.redis_url:
         fix = "start that server or unset REDIS_URL to use the embedded one"

@@ -49,9 +49,17 @@ class RateLimited(FailfirstError):
 
 
 class RedisUnavailable(FailfirstError):
-    """Redis cannot be reached."""
+    """Redis cannot be used: down, refusing our credentials, or named by a malformed URL.
+
+    `state` is the short form `failfirst status` heads its Redis line with, so a
+    wrong password does not read as a server that is down.
+    """
 
     exit_code = 5
+
+    def __init__(self, message: str, state: str = "unreachable") -> None:
+        super().__init__(message)
+        self.state = state
 
 
 class StoreError(FailfirstError):

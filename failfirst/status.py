@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from failfirst import config, store
-from failfirst.errors import FailfirstError
+from failfirst.errors import FailfirstError, RedisUnavailable
 
 
 def redis_status(settings: config.Settings) -> dict[str, Any]:
@@ -31,8 +31,8 @@ def redis_status(settings: config.Settings) -> dict[str, Any]:
         doc["pid"] = server.pid()
     try:
         client = get_redis(settings, start=False)
-    except FailfirstError as exc:
-        doc["state"] = "unreachable"
+    except RedisUnavailable as exc:
+        doc["state"] = exc.state
         doc["note"] = str(exc)
         return doc
     doc["state"] = "up"

@@ -75,3 +75,11 @@ def test_redis_refusing_the_url_is_one_line_that_never_shows_the_password(
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("failfirst: error:") and needle in lines[0], out.stderr
     assert "not-the-password-42" not in out.stderr
+
+
+def test_status_heads_a_refused_password_as_credentials_refused_not_unreachable(locked_redis: Path) -> None:
+    out = cli("status", "--json", redis_url=f"unix://:not-the-password-42@{locked_redis}?db=0")
+    assert out.returncode == 0, out.stderr
+    redis = json.loads(out.stdout)["redis"]
+    assert redis["state"] == "credentials refused", redis
+    assert "not-the-password-42" not in out.stdout
