@@ -265,7 +265,7 @@ def worker(
 
     sup = Supervisor(settings, count=n, burst=burst, on_event=show)
 
-    def _stop(signum: int, _frame: object) -> None:
+    def _stop(_signum: int, _frame: object) -> None:
         sup.stopping.set()
 
     signal.signal(signal.SIGTERM, _stop)

@@ -8,7 +8,7 @@ them with `dataclasses.replace` instead of mutating globals.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from failfirst.errors import ConfigError
@@ -165,9 +165,6 @@ class Settings:
     @property
     def embedded_redis(self) -> bool:
         return self.redis_url is None
-
-    def with_changes(self, **changes: object) -> Settings:
-        return replace(self, **changes)  # type: ignore[arg-type]
 
 
 def load() -> Settings:

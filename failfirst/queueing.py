@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from rq import Queue
 
 JOB_FUNC = "failfirst.pipeline.run_order"
-LIVE_STATUSES = frozenset({b"queued", b"scheduled", b"started", b"deferred"})
 JOB_TIMEOUT = 600
 
 
@@ -61,8 +60,3 @@ def enqueue_order(
             pipe.execute()
     return jid
 
-
-def job_alive(redis: Redis, order_id: int, attempt: int | str) -> bool:
-    """Whether RQ still holds a queued, scheduled or running job for this attempt."""
-    status = redis.hget(f"rq:job:{job_id(order_id, attempt)}", "status")
-    return status in LIVE_STATUSES

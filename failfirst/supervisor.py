@@ -113,7 +113,6 @@ class Supervisor:
         self._lock = threading.RLock()
         self._threads: list[threading.Thread] = []
         self._names: dict[int, str] = {}
-        self.reconciled = 0
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -310,7 +309,6 @@ class Supervisor:
                 report = reconcile(engine, redis, order_queue(redis, self.settings.queue))
                 prune_dead_workers(redis)
                 if report.total:
-                    self.reconciled += report.total
                     self._emit(
                         "reconciled",
                         0,

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ def dead_letter_with_workers(workers: Workers, n: int) -> tuple[Any, Runtime, li
 def dead_letter_after_reserve(rt: Runtime, n: int) -> list[int]:
     """Orders charged and reserved, then parked by an unexpected error (driven in-process)."""
     ids = place(rt, n, prefix="late")
-    calm = rt.settings.with_changes(faults=FaultConfig(payment_fail=0.0, inventory_fail=0.0))
+    calm = replace(rt.settings, faults=FaultConfig(payment_fail=0.0, inventory_fail=0.0))
     ctx = pipeline.build_context(calm, rt.engine, rt.redis)  # type: ignore[arg-type]
     reserve = ctx.inventory.reserve
 
