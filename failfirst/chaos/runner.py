@@ -312,7 +312,7 @@ class ChaosRun:
         scn = self.scn
         logged = {e["kind"] for e in self.log.entries}
         due: list[dict[str, Any]] = []
-        if scn.kill_workers and not self.kills and self.first_kill_due is not None:
+        if self.first_kill_due is not None and not self.kills:
             kind = "kill-host" if scn.hosts else "kill-worker"
             due.append({"kind": kind, "due_s": self.first_kill_due})
         if scn.redis_outage and not logged & {"redis-down", "redis-outage-skipped"}:
